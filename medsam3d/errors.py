@@ -1,0 +1,50 @@
+"""The medsam3d error hierarchy.
+
+Every error a user can cause (bad path, bad file, bad prompt, bad grid, missing model)
+is a :class:`Medsam3dError`. Its message is one line in the form *expected X, found Y,
+do Z*. The CLI prints it and exits with code 2; anything else is a bug.
+"""
+
+from __future__ import annotations
+
+
+class Medsam3dError(Exception):
+    """Base class of every error medsam3d raises on purpose."""
+
+
+class VolumeIOError(Medsam3dError, OSError):
+    """A file or folder cannot be read or written as a medical image."""
+
+
+class DicomSeriesError(VolumeIOError):
+    """A DICOM folder holds no series, several series without a choice, or a broken one."""
+
+
+class GeometryError(Medsam3dError, ValueError):
+    """Grids do not match, an affine is invalid, or a geometry cannot be represented."""
+
+
+class PromptError(Medsam3dError, ValueError):
+    """A prompt (box, slice, ROI, prompt file) is invalid for the volume it targets."""
+
+
+class ModelError(Medsam3dError, RuntimeError):
+    """A model or checkpoint cannot be loaded, or the device is unavailable."""
+
+
+class MissingDependencyError(Medsam3dError, ImportError):
+    """An optional dependency needed for this feature is not installed."""
+
+
+def require(module: str, feature: str, extra: str | None = None):
+    """Import ``module`` or raise :class:`MissingDependencyError` naming the feature."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        hint = f"pip install 'medsam3d[{extra}]'" if extra else f"pip install {module}"
+        raise MissingDependencyError(
+            f"{feature} needs the Python package '{module}', which is not importable ({exc}); "
+            f"install it with: {hint}"
+        ) from exc

@@ -1,0 +1,142 @@
+"""Reading and writing medical volumes and label maps.
+
+``load(path)`` reads NIfTI, NRRD, MHA/MHD or a DICOM folder into a :class:`~medsam3d.Volume`;
+``save(labels, path, reference=...)`` writes a label map as NIfTI, NRRD/MHA, Slicer
+``.seg.nrrd`` or DICOM SEG, atomically, on exactly the reference's grid.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..errors import VolumeIOError
+from ..volume import Volume
+from ._atomic import full_suffix
+from ._nifti import from_nibabel, read_nifti, to_nibabel, write_nifti
+from ._sitk import from_sitk, read_sitk, to_sitk, write_sitk
+from .dicom import DicomSeries, list_dicom_series, load_dicom
+from .rtstruct import load_rtstruct
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DicomSeries", "from_nibabel", "from_sitk", "list_dicom_series", "load", "load_dicom", "load_labels",
+    "load_rtstruct", "save", "to_nibabel", "to_sitk", "IMAGE_SUFFIXES", "LABEL_SUFFIXES",
+]
+
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+LABEL_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".seg.nrrd", ".dcm")
+
+
+def _check_exists(path: Path) -> None:
+    if not path.exists():
+        raise VolumeIOError(f"expected an image file or DICOM folder at {path}, found nothing; check the path")
+
+
+def load(path: str | Path, *, series_uid: str | None = None, allow_tilt: bool = False) -> Volume:
+    """Load a NIfTI/NRRD/MHA file or a DICOM folder (or one DICOM file's series) as a Volume."""
+    path = Path(path)
+    _check_exists(path)
+    if path.is_dir():
+        return load_dicom(path, series_uid=series_uid, allow_tilt=allow_tilt)
+    suffix = full_suffix(path)
+    if path.stat().st_size == 0:
+        raise VolumeIOError(f"expected an image file at {path}, found an empty file; re-export or re-copy it")
+    if suffix == ".seg.nrrd":
+        from .segnrrd import read_seg_nrrd
+
+        return read_seg_nrrd(path)
+    if suffix in (".nii", ".nii.gz"):
+        return read_nifti(path)
+    if suffix in (".nrrd", ".nhdr", ".mha", ".mhd"):
+        return read_sitk(path)
+    if _is_dicom(path):
+        return load_dicom(path.parent, series_uid=series_uid or _series_of(path), allow_tilt=allow_tilt)
+    raise VolumeIOError(
+        f"expected a NIfTI (.nii/.nii.gz), NRRD (.nrrd), MHA (.mha) file or a DICOM folder, found '{path.name}'; "
+        "convert the file or point to its DICOM folder"
+    )
+
+
+def _is_dicom(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(128)
+            return handle.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _series_of(path: Path) -> str | None:
+    import pydicom
+
+    ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+    return str(getattr(ds, "SeriesInstanceUID", "")) or None
+
+
+def load_labels(path: str | Path, reference: Volume | None = None) -> Volume:
+    """Load a label map (NIfTI, NRRD, .seg.nrrd, DICOM SEG or RTSTRUCT).
+
+    With ``reference`` the label map must lie on its grid (DICOM SEG and RTSTRUCT are
+    rasterised onto it); a mismatch raises :class:`~medsam3d.errors.GeometryError`.
+    """
+    path = Path(path)
+    _check_exists(path)
+    if path.is_file() and _is_dicom(path):
+        import pydicom
+
+        modality = getattr(pydicom.dcmread(str(path), stop_before_pixels=True), "Modality", "")
+        if modality in ("SEG", "RTSTRUCT"):
+            if reference is None:
+                raise VolumeIOError(f"expected the referenced image series to read a {modality} file, found none; "
+                                    "pass the image (--image)")
+            if modality == "SEG":
+                from .dicomseg import read_dicom_seg
+
+                return read_dicom_seg(path, reference)
+            return load_rtstruct(path, reference)
+    labels = load(path)
+    import numpy as np
+
+    if not np.issubdtype(labels.array.dtype, np.integer):
+        values = labels.array
+        if not np.all(values == np.round(values)):
+            raise VolumeIOError(f"expected integer label values in {path}, found non-integer voxels; "
+                                "give a label map, not an image")
+        labels = labels.with_array(values.astype(np.int32))
+    if reference is not None:
+        reference.check_same_grid(labels)
+    return labels
+
+
+def save(labels: Volume, path: str | Path, *, reference: Volume | None = None) -> Path:
+    """Write ``labels`` to ``path``; the format follows the suffix.
+
+    ``.nii``/``.nii.gz`` (NIfTI), ``.nrrd``/``.mha`` (ITK), ``.seg.nrrd`` (Slicer segmentation
+    with names and colours) or ``.dcm`` (DICOM SEG; needs the DICOM ``reference`` series).
+    The write is atomic: on failure no file is left behind.
+    """
+    path = Path(path)
+    suffix = full_suffix(path)
+    if reference is not None:
+        reference.check_same_grid(labels)
+    if suffix in (".nii", ".nii.gz"):
+        write_nifti(labels, path)
+    elif suffix == ".seg.nrrd":
+        from .segnrrd import write_seg_nrrd
+
+        write_seg_nrrd(labels, path)
+    elif suffix in (".nrrd", ".mha"):
+        write_sitk(labels, path)
+    elif suffix == ".dcm":
+        from .dicomseg import write_dicom_seg
+
+        if reference is None:
+            raise VolumeIOError("expected the source DICOM series as reference for DICOM SEG output, found none")
+        write_dicom_seg(labels, path, reference)
+    else:
+        raise VolumeIOError(
+            f"expected an output ending in .nii.gz, .nii, .nrrd, .mha, .seg.nrrd or .dcm (DICOM SEG), found '{path.name}'"
+        )
+    return path

@@ -1,0 +1,355 @@
+"""DICOM series: list, choose, sort along the slice normal, rescale, check geometry.
+
+Policy (documented in the README):
+
+* Slices are sorted by their position along the slice normal (row x column cosines),
+  increasing: ``k`` is that rank, the order SimpleITK's series reader uses.
+* Rescale slope/intercept are applied per slice (``HU`` for CT). Integer results stay
+  integers (int16/int32), anything else becomes float32.
+* **Gantry tilt** (slice positions not along the normal) is refused by default; with
+  ``allow_tilt=True`` the series loads on its exact, sheared grid (no resampling).
+* **Missing slices / non-uniform spacing** (gaps that differ by more than 1 % or
+  0.01 mm) are refused: one affine cannot describe such a stack without resampling.
+* Several images at the same position (echoes, phases, b-values in one series) are refused.
+* Enhanced (multi-frame) objects are read from their per-frame functional groups.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import DicomSeriesError, GeometryError, VolumeIOError
+from ..volume import LPS_TO_RAS, Volume
+
+log = logging.getLogger(__name__)
+
+NON_IMAGE_MODALITIES = {"RTSTRUCT", "SEG", "PR", "KO", "SR", "RTPLAN", "RTDOSE", "REG", "DOC"}
+SPACING_RTOL = 0.01
+SPACING_ATOL = 0.01  # mm
+TILT_TOL_DEG = 0.1
+
+
+@dataclass
+class DicomSeries:
+    """One series found in a folder (headers only)."""
+
+    uid: str
+    modality: str
+    description: str
+    files: list[Path] = field(default_factory=list)
+    frames: int = 0
+    rows: int | None = None
+    columns: int | None = None
+
+    @property
+    def is_image(self) -> bool:
+        return self.modality not in NON_IMAGE_MODALITIES and self.rows is not None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "series_uid": self.uid,
+            "modality": self.modality,
+            "description": self.description,
+            "files": len(self.files),
+            "frames": self.frames,
+            "rows": self.rows,
+            "columns": self.columns,
+        }
+
+    def summary(self) -> str:
+        size = f"{self.columns}x{self.rows}x{self.frames}" if self.is_image else f"{len(self.files)} file(s)"
+        return f"{self.uid} [{self.modality}] '{self.description}' {size}"
+
+
+def _dcmread(path: Path, header_only: bool = True):
+    import pydicom
+
+    try:
+        return pydicom.dcmread(str(path), stop_before_pixels=header_only)
+    except (pydicom.errors.InvalidDicomError, EOFError, OSError, ValueError, TypeError, AttributeError):
+        return None
+
+
+def list_dicom_series(folder: str | Path) -> list[DicomSeries]:
+    """List the series of every DICOM file below ``folder`` (non-DICOM files are skipped)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise VolumeIOError(f"expected a DICOM folder, found {'a file' if folder.exists() else 'nothing'} at {folder}")
+    series: dict[str, DicomSeries] = {}
+    skipped = 0
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        if path.name.upper() == "DICOMDIR":
+            continue
+        ds = _dcmread(path)
+        uid = getattr(ds, "SeriesInstanceUID", None) if ds is not None else None
+        if uid is None:
+            skipped += 1
+            continue
+        entry = series.get(str(uid))
+        if entry is None:
+            entry = series[str(uid)] = DicomSeries(
+                uid=str(uid),
+                modality=str(getattr(ds, "Modality", "")),
+                description=str(getattr(ds, "SeriesDescription", "")),
+            )
+        entry.files.append(path)
+        if "Rows" in ds:
+            entry.rows, entry.columns = int(ds.Rows), int(ds.Columns)
+            entry.frames += int(getattr(ds, "NumberOfFrames", 1) or 1)
+    if skipped:
+        log.info("%d non-DICOM file(s) skipped in %s", skipped, folder)
+    return list(series.values())
+
+
+def load_dicom(folder: str | Path, series_uid: str | None = None, *, allow_tilt: bool = False) -> Volume:
+    """Load one image series of a DICOM folder as a :class:`Volume`.
+
+    With several image series, ``series_uid`` must name one (the error lists them).
+    """
+    folder = Path(folder)
+    all_series = list_dicom_series(folder)
+    images = [s for s in all_series if s.is_image]
+    if series_uid is not None:
+        chosen = [s for s in all_series if s.uid == series_uid]
+        if not chosen:
+            listing = "; ".join(s.summary() for s in images) or "none"
+            raise DicomSeriesError(
+                f"expected series {series_uid} in {folder}, found only: {listing}; pass one of these UIDs"
+            )
+        if not chosen[0].is_image:
+            raise DicomSeriesError(
+                f"expected an image series, found a {chosen[0].modality} series {series_uid}; choose an image series"
+            )
+        series = chosen[0]
+    elif not images:
+        raise DicomSeriesError(
+            f"expected at least one DICOM image series in {folder}, found "
+            f"{len(all_series)} series and no images ({', '.join(s.modality for s in all_series) or 'no DICOM files'}); "
+            "point to the folder that holds the image slices"
+        )
+    elif len(images) > 1:
+        listing = "; ".join(s.summary() for s in images)
+        raise DicomSeriesError(
+            f"expected one image series in {folder}, found {len(images)}: {listing}; "
+            "choose one with --series UID (series_uid=...)"
+        )
+    else:
+        series = images[0]
+
+    datasets = [_dcmread(p, header_only=False) for p in series.files]
+    datasets = [d for d in datasets if d is not None and "PixelData" in d]
+    if not datasets:
+        raise DicomSeriesError(f"expected pixel data in series {series.uid}, found none; the files may be truncated")
+    if len(datasets) == 1 and int(getattr(datasets[0], "NumberOfFrames", 1) or 1) > 1:
+        volume = _load_multiframe(datasets[0], allow_tilt=allow_tilt)
+    else:
+        volume = _load_single_frames(datasets, allow_tilt=allow_tilt)
+    first = datasets[0]
+    volume.meta.update(
+        source=str(folder),
+        format="dicom",
+        series_uid=series.uid,
+        modality=str(getattr(first, "Modality", "")) or None,
+        series_description=series.description,
+        patient_position=str(getattr(first, "PatientPosition", "")) or None,
+        study_uid=str(getattr(first, "StudyInstanceUID", "")) or None,
+        frame_of_reference_uid=str(getattr(first, "FrameOfReferenceUID", "")) or None,
+    )
+    log.info("loaded DICOM series %s: %r", series.uid, volume)
+    return volume
+
+
+# ---------------------------------------------------------------------- single-frame stacks
+def _vec(ds, name: str, n: int) -> np.ndarray:
+    value = getattr(ds, name, None)
+    if value is None or len(value) != n:
+        raise DicomSeriesError(
+            f"expected {name} with {n} values in {getattr(ds, 'filename', 'a slice')}, found {value!r}; "
+            "the series lacks geometry and cannot be placed in patient space"
+        )
+    return np.array([float(v) for v in value], dtype=np.float64)
+
+
+def _pixels(ds) -> np.ndarray:
+    try:
+        return np.asarray(ds.pixel_array)
+    except Exception as exc:  # decoders raise many types
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
+        name = getattr(syntax, "name", str(syntax))
+        raise VolumeIOError(
+            f"expected decodable pixel data in {getattr(ds, 'filename', 'a DICOM file')}, found transfer syntax "
+            f"'{name}' that could not be decoded ({type(exc).__name__}: {str(exc)[:100]}); "
+            "install pylibjpeg, pylibjpeg-openjpeg and pylibjpeg-libjpeg, or check the file is complete"
+        ) from None
+
+
+def _rescale(pixels: np.ndarray, slopes: Sequence[float], intercepts: Sequence[float]) -> np.ndarray:
+    """Apply per-slice rescale; keep integers when the result is integral."""
+    slopes = np.asarray(slopes, dtype=np.float64)
+    intercepts = np.asarray(intercepts, dtype=np.float64)
+    integral = np.all(slopes == np.round(slopes)) and np.all(intercepts == np.round(intercepts))
+    if np.all(slopes == 1) and np.all(intercepts == 0):
+        out = pixels
+    else:
+        out = pixels.astype(np.float64) * slopes[None, None, :] + intercepts[None, None, :]
+    if integral and np.issubdtype(pixels.dtype, np.integer):
+        lo, hi = (float(out.min()), float(out.max())) if out.size else (0.0, 0.0)
+        for dtype in (np.int16, np.int32):
+            if np.iinfo(dtype).min <= lo and hi <= np.iinfo(dtype).max:
+                return out.astype(dtype)
+        return out.astype(np.int64)
+    return out.astype(np.float32)
+
+
+def _stack_geometry(
+    positions: np.ndarray, row_cos: np.ndarray, col_cos: np.ndarray, pixel_spacing: np.ndarray,
+    *, thickness: float | None, allow_tilt: bool, where: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sort positions along the normal, check the stack, return (order, affine RAS)."""
+    normal = np.cross(row_cos, col_cos)
+    depth = positions @ normal
+    order = np.argsort(depth, kind="stable")
+    positions = positions[order]
+    depth = depth[order]
+    n = len(positions)
+    if n > 1:
+        gaps = np.diff(depth)
+        if np.any(np.abs(gaps) < 1e-4):
+            dup = int(np.sum(np.abs(gaps) < 1e-4))
+            raise GeometryError(
+                f"expected one image per slice position in {where}, found {dup} duplicate position(s); "
+                "the series holds several volumes (echoes, phases or repeats): split it first"
+            )
+        step = (positions[-1] - positions[0]) / (n - 1)
+        distances = np.linalg.norm(np.diff(positions, axis=0), axis=1)
+        median = float(np.median(distances))
+        bad = np.abs(distances - median) > max(SPACING_ATOL, SPACING_RTOL * median)
+        if np.any(bad):
+            where_bad = ", ".join(f"between slices {i} and {i + 1}: {distances[i]:.3f} mm" for i in np.flatnonzero(bad)[:3])
+            raise GeometryError(
+                f"expected evenly spaced slices in {where} (median {median:.3f} mm), found {where_bad}; "
+                "slices are missing or spacing is non-uniform: export the complete series or resample it"
+            )
+        cos_angle = abs(float(step @ normal)) / float(np.linalg.norm(step))
+        tilt = float(np.degrees(np.arccos(min(1.0, cos_angle))))
+        if tilt > TILT_TOL_DEG and not allow_tilt:
+            raise GeometryError(
+                f"expected slices stacked along their normal in {where}, found a gantry tilt of {tilt:.2f} degrees; "
+                "load with allow_tilt=True (--allow-tilt) to keep the exact sheared grid, or resample the series"
+            )
+        if tilt > TILT_TOL_DEG:
+            log.warning("gantry tilt of %.2f degrees: using the exact sheared grid", tilt)
+    else:
+        step = normal * (thickness or 1.0)
+    affine_lps = np.eye(4)
+    affine_lps[:3, 0] = row_cos * pixel_spacing[1]  # i = column index, moves along the row direction
+    affine_lps[:3, 1] = col_cos * pixel_spacing[0]  # j = row index, moves along the column direction
+    affine_lps[:3, 2] = step
+    affine_lps[:3, 3] = positions[0]
+    return order, LPS_TO_RAS @ affine_lps
+
+
+def _load_single_frames(datasets: list, *, allow_tilt: bool) -> Volume:
+    first = datasets[0]
+    where = f"series {getattr(first, 'SeriesInstanceUID', '?')}"
+    iop = _vec(first, "ImageOrientationPatient", 6)
+    for ds in datasets[1:]:
+        other = _vec(ds, "ImageOrientationPatient", 6)
+        if not np.allclose(other, iop, atol=1e-4):
+            raise GeometryError(
+                f"expected one slice orientation in {where}, found {iop.round(4).tolist()} and "
+                f"{other.round(4).tolist()}; the folder mixes planes (e.g. a localizer): choose the axial series"
+            )
+        if (ds.Rows, ds.Columns) != (first.Rows, first.Columns):
+            raise GeometryError(
+                f"expected every slice of {where} to be {first.Columns}x{first.Rows}, found {ds.Columns}x{ds.Rows}"
+            )
+    row_cos, col_cos = iop[:3], iop[3:]
+    positions = np.stack([_vec(ds, "ImagePositionPatient", 3) for ds in datasets])
+    spacing = _vec(first, "PixelSpacing", 2)
+    thickness = float(getattr(first, "SpacingBetweenSlices", 0) or getattr(first, "SliceThickness", 0) or 1.0)
+    order, affine = _stack_geometry(
+        positions, row_cos, col_cos, spacing, thickness=thickness, allow_tilt=allow_tilt, where=where
+    )
+    datasets = [datasets[i] for i in order]
+    pixels = np.stack([_pixels(ds) for ds in datasets], axis=-1)  # (rows, cols, k)
+    if pixels.ndim != 3:
+        raise VolumeIOError(f"expected grey-level slices in {where}, found pixel arrays of shape {pixels.shape[:-1]}")
+    slopes = [float(getattr(ds, "RescaleSlope", 1) or 1) for ds in datasets]
+    intercepts = [float(getattr(ds, "RescaleIntercept", 0) or 0) for ds in datasets]
+    array = _rescale(pixels, slopes, intercepts).transpose(1, 0, 2)  # (i=col, j=row, k)
+    meta = {
+        "dicom_files": [str(ds.filename) for ds in datasets],
+        "sop_instance_uids": [str(ds.SOPInstanceUID) for ds in datasets],
+        "rescale": {"slope": slopes[0], "intercept": intercepts[0], "per_slice": len(set(slopes)) > 1 or len(set(intercepts)) > 1},
+        "window": _window(first),
+        "slice_thickness": float(getattr(first, "SliceThickness", 0) or 0) or None,
+    }
+    return Volume(np.ascontiguousarray(array), affine, meta)
+
+
+def _window(ds) -> dict[str, float] | None:
+    try:
+        center, width = ds.WindowCenter, ds.WindowWidth
+    except AttributeError:
+        return None
+    first = lambda v: float(v[0]) if hasattr(v, "__len__") and not isinstance(v, str) else float(v)  # noqa: E731
+    return {"center": first(center), "width": first(width)}
+
+
+# ---------------------------------------------------------------------- enhanced multi-frame
+def _group(frame, shared, sequence: str, attr: str):
+    for source in (frame, shared):
+        if source is not None and sequence in source:
+            item = getattr(source, sequence)[0]
+            if attr in item:
+                return getattr(item, attr)
+    return None
+
+
+def _load_multiframe(ds, *, allow_tilt: bool) -> Volume:
+    where = f"multi-frame object {getattr(ds, 'SOPInstanceUID', '?')}"
+    frames = list(getattr(ds, "PerFrameFunctionalGroupsSequence", []))
+    shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else None
+    n = int(ds.NumberOfFrames)
+    if len(frames) != n:
+        raise VolumeIOError(f"expected {n} per-frame functional groups in {where}, found {len(frames)}")
+    positions, orientations, slopes, intercepts = [], [], [], []
+    spacing = None
+    for frame in frames:
+        pos = _group(frame, shared, "PlanePositionSequence", "ImagePositionPatient")
+        iop = _group(frame, shared, "PlaneOrientationSequence", "ImageOrientationPatient")
+        ps = _group(frame, shared, "PixelMeasuresSequence", "PixelSpacing")
+        if pos is None or iop is None or ps is None:
+            raise GeometryError(f"expected plane position, orientation and pixel spacing for every frame of {where}")
+        positions.append([float(v) for v in pos])
+        orientations.append([float(v) for v in iop])
+        spacing = np.array([float(v) for v in ps])
+        slopes.append(float(_group(frame, shared, "PixelValueTransformationSequence", "RescaleSlope") or 1))
+        intercepts.append(float(_group(frame, shared, "PixelValueTransformationSequence", "RescaleIntercept") or 0))
+    orientations_arr = np.array(orientations)
+    if not np.allclose(orientations_arr, orientations_arr[0], atol=1e-4):
+        raise GeometryError(f"expected one frame orientation in {where}, found several; split the object by stack")
+    thickness = float(_group(frames[0], shared, "PixelMeasuresSequence", "SliceThickness") or 1.0)
+    order, affine = _stack_geometry(
+        np.array(positions), orientations_arr[0, :3], orientations_arr[0, 3:], spacing,
+        thickness=thickness, allow_tilt=allow_tilt, where=where,
+    )
+    pixels = _pixels(ds)  # (frames, rows, cols)
+    if pixels.ndim != 3:
+        raise VolumeIOError(f"expected grey-level frames in {where}, found pixel data of shape {pixels.shape}")
+    pixels = pixels[order].transpose(1, 2, 0)  # (rows, cols, k)
+    array = _rescale(pixels, [slopes[i] for i in order], [intercepts[i] for i in order]).transpose(1, 0, 2)
+    meta = {
+        "dicom_files": [str(ds.filename)],
+        "frame_order": order.tolist(),
+        "sop_instance_uids": [str(ds.SOPInstanceUID)],
+        "rescale": {"slope": slopes[0], "intercept": intercepts[0]},
+        "window": None,
+    }
+    return Volume(np.ascontiguousarray(array), affine, meta)

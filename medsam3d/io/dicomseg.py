@@ -1,0 +1,125 @@
+"""DICOM SEG output (and input) with highdicom, referencing the source series."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import GeometryError, VolumeIOError, require
+from ..volume import Volume
+from ._atomic import atomic_path
+from .labels import segment_table
+
+log = logging.getLogger(__name__)
+
+
+def _source_datasets(reference: Volume):
+    import pydicom
+
+    files = reference.meta.get("dicom_files")
+    if not files or reference.meta.get("format") != "dicom":
+        raise VolumeIOError(
+            "expected a DICOM source series for DICOM SEG output, found a "
+            f"{reference.meta.get('format', 'non-DICOM')} image; write .nii.gz, .nrrd or .seg.nrrd instead"
+        )
+    if len(files) == 1 and reference.meta.get("frame_order"):
+        raise VolumeIOError("DICOM SEG output for enhanced multi-frame sources is not supported yet; write .seg.nrrd")
+    return [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+
+
+def write_dicom_seg(labels: Volume, path: str | Path, reference: Volume, *, algorithm: str = "medsam3d") -> None:
+    """Write ``labels`` (on ``reference``'s grid) as a BINARY DICOM SEG referencing its series."""
+    hd = require("highdicom", "DICOM SEG output", "io")
+    from pydicom.sr.codedict import codes
+
+    from .. import __version__
+
+    reference.check_same_grid(labels)
+    sources = _source_datasets(reference)
+    table = segment_table(labels)
+    if not table:
+        raise VolumeIOError("expected at least one labelled voxel for DICOM SEG output, found an empty label map")
+    # DICOM SEG numbers segments 1..n: remap the label values in order
+    remap = np.zeros(int(labels.array.max()) + 1, dtype=np.uint16)
+    descriptions = []
+    algo = hd.AlgorithmIdentificationSequence(
+        name=algorithm, version=__version__, family=codes.cid7162.ArtificialIntelligence
+    )
+    for number, (value, info) in enumerate(table.items(), start=1):
+        remap[value] = number
+        lab = hd.color.CIELabColor(*_rgb_to_lab(info["color"]))
+        descriptions.append(hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=str(info["name"])[:64],
+            segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+            segmented_property_type=codes.SCT.Neoplasm,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algo,
+            tracking_id=f"label {value}",
+            tracking_uid=hd.UID(),
+            display_color=lab,
+        ))
+    pixels = remap[np.asarray(labels.array, dtype=np.int64)].transpose(2, 1, 0)  # (k, rows, cols)
+    seg = hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=pixels,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(),
+        series_number=900,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="medsam3d",
+        manufacturer_model_name="medsam3d",
+        software_versions=__version__,
+        device_serial_number="0",
+        omit_empty_frames=True,
+    )
+    with atomic_path(path) as tmp:
+        seg.save_as(str(tmp))
+    log.info("wrote DICOM SEG %s (%d segments)", path, len(descriptions))
+
+
+def read_dicom_seg(path: str | Path, reference: Volume) -> Volume:
+    """Read a DICOM SEG onto ``reference``'s grid (a DICOM series it references)."""
+    hd = require("highdicom", "DICOM SEG input", "io")
+    try:
+        seg = hd.seg.segread(str(path))
+    except Exception as exc:
+        raise VolumeIOError(f"expected a DICOM SEG at {path}, found a file highdicom cannot read ({exc})") from None
+    uids = reference.meta.get("sop_instance_uids")
+    if not uids or len(uids) != reference.shape[2]:
+        raise GeometryError("expected the DICOM series the SEG references as reference image, found another image")
+    numbers = list(seg.segment_numbers)
+    frames = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=uids, segment_numbers=numbers, combine_segments=True, relabel=False,
+        assert_missing_frames_are_empty=True,
+    )  # (k, rows, cols)
+    segments = {}
+    values = np.zeros(max(numbers) + 1, dtype=np.int64)
+    for number in numbers:
+        desc = seg.get_segment_description(number)
+        value = number
+        tracking = getattr(desc, "tracking_id", None) or ""
+        if str(tracking).startswith("label "):
+            value = int(str(tracking).split()[1])
+        values[number] = value
+        segments[value] = {"name": desc.segment_label, "color": (0.5, 0.5, 0.5)}
+    array = values[np.asarray(frames, dtype=np.int64)].transpose(2, 1, 0)
+    from .labels import label_dtype
+
+    return Volume(array.astype(label_dtype(array)), reference.affine,
+                  {"source": str(path), "format": "dicom-seg", "segments": segments})
+
+
+def _rgb_to_lab(rgb) -> tuple[float, float, float]:
+    """sRGB (0..1) -> CIELab (D65), as DICOM display colours need."""
+    c = np.asarray(rgb, dtype=np.float64)
+    c = np.where(c > 0.04045, ((c + 0.055) / 1.055) ** 2.4, c / 12.92)
+    m = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]])
+    xyz = m @ c / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    lab = (116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2]))
+    return (float(np.clip(lab[0], 0, 100)), float(np.clip(lab[1], -128, 127)), float(np.clip(lab[2], -128, 127)))
