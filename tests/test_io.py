@@ -1,0 +1,214 @@
+"""Loaders and writers on real cases and synthetic grids: every voxel and the affine exact."""
+
+import json
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+import medsam3d as m3
+from medsam3d import GeometryError, VolumeIOError
+from medsam3d.errors import DicomSeriesError
+
+from conftest import make_volume, shared
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.mark.parametrize("modality", ["CT", "MR_T1"])
+def test_dicom_series_equals_its_nifti_twin(modality):
+    dicom = m3.load(shared(f"ibsi_sts_041/dicom/{modality}/image"))
+    nifti = m3.load(shared(f"ibsi_sts_041/nifti/{modality}_image.nii.gz"))
+    assert dicom.shape == nifti.shape
+    np.testing.assert_allclose(dicom.affine, nifti.affine, atol=1e-4)
+    assert np.array_equal(dicom.array, nifti.array)
+    assert dicom.meta["modality"] == ("CT" if modality == "CT" else "MR")
+    assert dicom.axcodes == ("L", "P", "S")
+
+
+@pytest.mark.parametrize("case", ["siemens/anatomical/001", "hitachi/anatomical/001",
+                                  "philips_enhanced/anatomical/001"])
+def test_dicom2nifti_cases_match_expected_geometry(case):
+    vol = m3.load(shared(f"dicom2nifti/{case}"))
+    truth = nib.load(shared(f"dicom2nifti/{case}_ground_truth.nii.gz"))
+    t_data = np.asanyarray(truth.dataobj)
+    t_data = t_data[..., 0] if t_data.ndim == 4 else t_data
+    # compare in world space: both brought to the closest canonical layout
+    ours = nib.as_closest_canonical(nib.Nifti1Image(vol.array.astype(np.float32), vol.affine))
+    ref = nib.as_closest_canonical(nib.Nifti1Image(t_data.astype(np.float32), truth.affine))
+    np.testing.assert_allclose(ours.affine, ref.affine, atol=1e-3)
+    np.testing.assert_allclose(np.asanyarray(ours.dataobj), np.asanyarray(ref.dataobj), rtol=1e-5)
+
+
+def test_oblique_hitachi_keeps_its_oblique_affine():
+    vol = m3.load(shared("dicom2nifti/hitachi/anatomical/001"))
+    assert vol.is_oblique
+    np.testing.assert_allclose(vol.spacing, (2.34375, 2.34375, 4.0), atol=1e-3)
+
+
+def test_gantry_tilt_is_refused_or_loaded_sheared():
+    path = shared("dicom2nifti/failing/gantrytilting/001")
+    with pytest.raises(GeometryError, match="gantry tilt of 14.00 degrees"):
+        m3.load(path)
+    vol = m3.load(path, allow_tilt=True)
+    # the k axis follows the real slice positions (sheared, exact), not the slice normal
+    normal = np.cross(vol.direction[:, 0], vol.direction[:, 1])
+    angle = np.degrees(np.arccos(abs(normal @ vol.direction[:, 2])))
+    assert angle == pytest.approx(14.0, abs=0.05)
+
+
+@pytest.mark.parametrize("case", ["dicom2nifti/failing/sliceincrement/002", "monai_ct_dicom/CT_DICOM"])
+def test_missing_slice_and_irregular_spacing_are_refused(case):
+    with pytest.raises(GeometryError, match="evenly spaced slices"):
+        m3.load(shared(case))
+
+
+def test_decubitus_sagittal_mr_orientation():
+    vol = m3.load(shared("dcm_qa_decubitus/HFDR/2_t1_fl2d_sag"))
+    sidecar = json.loads(shared("dcm_qa_decubitus/Ref/t1_fl2d_sag_20220407151157.json").read_text())
+    assert vol.shape == (256, 256, 35)
+    # IOP (0,1,0 / 0,0,-1): columns go posterior, rows go inferior, slices sorted along the normal
+    assert vol.axcodes == ("P", "I", "R")
+    np.testing.assert_allclose(vol.spacing, (1.015625, 1.015625, 4.8), atol=1e-4)
+    assert vol.meta["patient_position"] == "HFDR"
+    iop = sidecar.get("ImageOrientationPatientDICOM")
+    if iop:
+        np.testing.assert_allclose(vol.direction[:, 0] * [-1, -1, 1], iop[:3], atol=1e-4)
+        np.testing.assert_allclose(vol.direction[:, 1] * [-1, -1, 1], iop[3:], atol=1e-4)
+
+
+def test_jpeg2000_ct_and_flipped_label_file_land_on_the_same_anatomy():
+    ct = m3.load(shared("totalseg_ct_dicom/example_ct_dicom"))
+    assert ct.array.min() == -1024 and ct.meta["modality"] == "CT"
+    seg = m3.load(shared("totalseg_ct_dicom/example_seg_dicom.nii.gz"))
+    assert seg.axcodes == ("L", "A", "S") and ct.axcodes == ("L", "P", "S")
+    # the label file is stored with j flipped: reorient it onto the CT layout, no resampling
+    aligned, _ = m3.reorient(seg, ct.axcodes)
+    np.testing.assert_allclose(aligned.affine, ct.affine, atol=1e-3)
+    liver = aligned.array == 5
+    soft = lambda mask: np.mean((ct.array[mask] > 0) & (ct.array[mask] < 150))  # noqa: E731
+    # liver and spleen lie on soft-tissue HU; the mirrored (array-order) masks do not
+    assert soft(liver) > 0.98 and soft(aligned.array == 1) > 0.98
+    assert soft(liver[:, ::-1, :]) < 0.8 and soft((aligned.array == 1)[:, ::-1, :]) < 0.5
+    assert liver.sum() * ct.voxel_volume_mm3 / 1000 == pytest.approx(699.4, abs=0.5)
+
+
+def test_dcmqi_three_slice_ct_and_its_label_maps_share_a_grid():
+    ct = m3.load(shared("dcmqi_ct3slice/ct-3slice"))
+    liver = m3.load_labels(shared("dcmqi_ct3slice/liver_seg.nrrd"), ct)
+    assert liver.array.sum() * ct.voxel_volume_mm3 / 1000 == pytest.approx(70.4, abs=0.1)
+
+
+@pytest.mark.parametrize("modality", ["CT", "MR_T1"])
+def test_rtstruct_rasterisation_matches_nifti_mask(modality):
+    image = m3.load(shared(f"ibsi_sts_041/dicom/{modality}/image"))
+    rt = m3.load_rtstruct(shared(f"ibsi_sts_041/dicom/{modality}/mask"), image)
+    ref = m3.load_labels(shared(f"ibsi_sts_041/nifti/{modality}_mask.nii.gz"), image)
+    a, b = rt.array > 0, ref.array > 0
+    dice = 2 * (a & b).sum() / (a.sum() + b.sum())
+    assert dice >= 0.95
+    assert rt.segments[1]["name"].startswith("GTV_Mass")
+    assert a.sum() * image.voxel_volume_mm3 / 1000 == pytest.approx(60.59, abs=0.05)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".mha", ".seg.nrrd", ".dcm"])
+def test_label_round_trips_keep_every_voxel(tmp_path, suffix):
+    image = m3.load(shared("ibsi_sts_041/dicom/CT/image"))
+    labels = np.zeros(image.shape, np.uint8)
+    labels[30:60, 40:80, 10:30] = 1
+    labels[90:100, 20:30, 5:9] = 2
+    lab = image.with_array(labels, segments={1: {"name": "tumor", "color": (1, 0, 0)},
+                                             2: {"name": "node", "color": (0, 1, 0)}})
+    out = m3.save(lab, tmp_path / f"labels{suffix}", reference=image)
+    back = m3.load_labels(out, image)
+    assert np.array_equal(back.array, labels)
+    np.testing.assert_allclose(back.affine, image.affine, atol=1e-4)
+    if suffix in (".seg.nrrd", ".dcm"):
+        assert back.segments[1]["name"] == "tumor" and back.segments[2]["name"] == "node"
+    assert os.listdir(tmp_path) == [out.name]  # nothing else left behind
+
+
+@pytest.mark.parametrize("codes", ["LAS", "RAS", "PIR", "ASL"])
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".seg.nrrd"])
+def test_synthetic_flipped_and_oblique_grids_round_trip(tmp_path, codes, suffix):
+    for oblique in (0.0, 23.0):
+        vol = make_volume(axcodes=codes, oblique_deg=oblique, dtype=np.uint8)
+        vol = vol.with_array((vol.array % 3).astype(np.uint8))
+        path = m3.save(vol, tmp_path / f"x{oblique:.0f}{suffix}")
+        back = m3.load(path)
+        assert np.array_equal(back.array, vol.array)
+        np.testing.assert_allclose(back.affine, vol.affine, atol=1e-4)
+
+
+def test_dicom_seg_needs_a_dicom_source(tmp_path):
+    vol = make_volume(dtype=np.uint8)
+    with pytest.raises(VolumeIOError, match="DICOM SEG"):
+        m3.save(vol, tmp_path / "x.dcm", reference=vol)
+    assert not list(tmp_path.iterdir())
+
+
+def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    import medsam3d.io._nifti as nifti_mod
+
+    vol = make_volume(dtype=np.uint8)
+
+    def broken_save(image, path):
+        with open(path, "wb") as handle:
+            handle.write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(nib, "save", broken_save)
+    with pytest.raises(OSError):
+        nifti_mod.write_nifti(vol, tmp_path / "x.nii.gz")
+    assert not list(tmp_path.iterdir())
+
+
+def test_several_series_need_a_choice():
+    folder = shared("ibsi_sts_041/dicom")
+    with pytest.raises(DicomSeriesError, match="found 2:.*--series"):
+        m3.load(folder)
+    series = [s for s in m3.list_dicom_series(folder) if s.modality == "MR"]
+    vol = m3.load(folder, series_uid=series[0].uid)
+    assert vol.shape == (90, 109, 45)
+
+
+def test_bad_inputs_give_clear_errors(tmp_path):
+    with pytest.raises(VolumeIOError, match="found nothing"):
+        m3.load(tmp_path / "missing.nii.gz")
+    (tmp_path / "empty.nii.gz").write_bytes(b"")
+    with pytest.raises(VolumeIOError, match="empty file"):
+        m3.load(tmp_path / "empty.nii.gz")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(VolumeIOError, match="expected a NIfTI"):
+        m3.load(tmp_path / "notes.txt")
+    empty = tmp_path / "emptydir"
+    empty.mkdir()
+    with pytest.raises(DicomSeriesError, match="no DICOM files"):
+        m3.load(empty)
+
+
+def test_truncated_files_are_refused(tmp_path):
+    data = shared("ibsi_sts_041/nifti/CT_image.nii.gz").read_bytes()
+    (tmp_path / "cut.nii.gz").write_bytes(data[:5000])
+    with pytest.raises(VolumeIOError, match="cannot read"):
+        m3.load(tmp_path / "cut.nii.gz")
+    nrrd = shared("pyradiomics/brain2_image.nrrd").read_bytes()
+    (tmp_path / "cut.nrrd").write_bytes(nrrd[:3000])
+    with pytest.raises(VolumeIOError):
+        m3.load(tmp_path / "cut.nrrd")
+
+
+def test_label_on_another_grid_is_refused():
+    image = m3.load(shared("ibsi_sts_041/nifti/CT_image.nii.gz"))
+    with pytest.raises(GeometryError, match="expected the label map on the image's grid"):
+        m3.load_labels(shared("ibsi_sts_041/nifti/MR_T1_mask.nii.gz"), image)
+
+
+def test_nrrd_lps_and_las_cases_load_with_right_volumes():
+    brain = m3.load_labels(shared("pyradiomics/brain2_label.nrrd"))
+    assert brain.axcodes == ("L", "A", "S")
+    assert (brain.array == 1).sum() == 453
+    prostate = m3.load_labels(shared("pyradiomics/prostate_phantom_subvolume-label.nrrd"))
+    assert prostate.axcodes == ("R", "A", "S")
+    assert {v: int((prostate.array == v).sum()) for v in (1, 7, 8, 9)} == {1: 168, 7: 170, 8: 2997, 9: 9088}
