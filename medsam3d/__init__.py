@@ -8,7 +8,29 @@ from .errors import GeometryError, Medsam3dError, ModelError, PromptError, Volum
 from .io import list_dicom_series, load, load_dicom, load_labels, load_rtstruct, save  # noqa: E402
 from .volume import Volume, reorient  # noqa: E402
 
+
+def segment(volume, prompts, **kwargs):
+    """Segment prompted objects in 3D (see :func:`medsam3d.pipeline.segment`)."""
+    from .pipeline import segment as _segment
+
+    return _segment(volume, prompts, **kwargs)
+
+
+def measure(labels, image=None, **kwargs):
+    """Measure each label and lesion (see :func:`medsam3d.measure.measure`)."""
+    from .measure import measure as _measure
+
+    return _measure(labels, image=image, **kwargs)
+
+
+def load_model(name="litemedsam", checkpoint=None, device="auto", **kwargs):
+    """Load a model adapter (see :func:`medsam3d.models.load_model`)."""
+    from .models import load_model as _load_model
+
+    return _load_model(name, checkpoint=checkpoint, device=device, **kwargs)
+
 __all__ = [
     "GeometryError", "Medsam3dError", "ModelError", "PromptError", "Volume", "VolumeIOError", "__version__",
-    "list_dicom_series", "load", "load_dicom", "load_labels", "load_rtstruct", "reorient", "save",
+    "list_dicom_series", "load", "load_dicom", "load_labels", "load_model", "load_rtstruct", "measure", "reorient",
+    "save", "segment",
 ]

@@ -39,6 +39,46 @@ def _get_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_info)
 
+    p = sub.add_parser("segment", help="segment prompted objects in 3D and write a label map")
+    p.add_argument("input", type=Path, help="NIfTI/NRRD/MHA file or DICOM folder")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompts", type=Path, help="prompt JSON file (version 1)")
+    src.add_argument("--box", action="append", metavar="I0,J0,I1,J1@K", help="box on slice K (repeatable)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="label map: .nii.gz, .nrrd, .seg.nrrd or .dcm (SEG)")
+    p.add_argument("--json", dest="report", type=Path, help="write a JSON report here")
+    p.add_argument("--model", default="litemedsam", help="litemedsam (default, bundled), medsam, sam-vit-b/l/h")
+    p.add_argument("--checkpoint", type=Path, help="weights file (required for medsam and sam-*)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--window", help="CT preset (soft-tissue, lung, bone, brain, liver, abdomen) or LEVEL,WIDTH "
+                                   "or percentile")
+    p.add_argument("--modality", choices=["CT", "MR"], help="override the modality found in the header/intensities")
+    p.add_argument("--overlap", default="score", choices=["score", "first", "last", "error"])
+    p.add_argument("--series", dest="series_uid", help="SeriesInstanceUID when the folder holds several series")
+    p.add_argument("--allow-tilt", action="store_true")
+    p.add_argument("--no-zoom", action="store_true", help="encode whole slices instead of a crop around the prompts")
+    p.add_argument("--measure", action="store_true", help="add shape measurements to the report")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_segment)
+
+    p = sub.add_parser("mesh", help="surface mesh of a label map in patient coordinates")
+    p.add_argument("labels", type=Path, help="label map (NIfTI/NRRD/.seg.nrrd)")
+    p.add_argument("-o", "--output", type=Path, required=True, help=".stl, .obj, .ply or .vtp (with several labels, "
+                                                                      "one file per label: NAME_label<N>.ext)")
+    p.add_argument("--label", type=int, action="append", help="label value (repeatable; default: every label)")
+    p.add_argument("--space", default="RAS", choices=["RAS", "LPS"])
+    p.add_argument("--smooth", type=int, default=15, help="windowed-sinc smoothing iterations (0: none)")
+    p.add_argument("--decimate", type=float, default=0.0, help="fraction of triangles to remove (0..1)")
+    p.set_defaults(func=_cmd_mesh)
+
+    p = sub.add_parser("measure", help="volumes, diameters and shape figures of each label and lesion")
+    p.add_argument("labels", type=Path, help="label map (NIfTI/NRRD/.seg.nrrd, or DICOM SEG/RTSTRUCT with --image)")
+    p.add_argument("--image", type=Path, help="image for intensity statistics (same grid)")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="print JSON")
+    fmt.add_argument("--csv", action="store_true", help="print CSV")
+    p.add_argument("--no-components", action="store_true", help="whole labels only, not each lesion")
+    p.set_defaults(func=_cmd_measure)
+
     return parser
 
 
@@ -76,6 +116,126 @@ def _cmd_info(args: argparse.Namespace) -> int:
             else:
                 print(f"{key}: {value}")
     return 0
+
+
+def _cmd_segment(args: argparse.Namespace) -> int:
+    from .io import LABEL_SUFFIXES, load, save
+    from .io._atomic import atomic_path, full_suffix
+    from .errors import VolumeIOError
+    from .pipeline import segment
+    from .prompts import load_prompts, parse_box_option, parse_prompts
+
+    if full_suffix(args.output) not in LABEL_SUFFIXES:
+        raise VolumeIOError(f"expected -o ending in {', '.join(LABEL_SUFFIXES)}, found '{args.output.name}'")
+    volume = load(args.input, series_uid=args.series_uid, allow_tilt=args.allow_tilt)
+    if args.prompts:
+        objects = load_prompts(args.prompts, volume)
+    else:
+        entries = [parse_box_option(spec) for spec in args.box]
+        for n, entry in enumerate(entries, start=1):
+            entry["name"] = f"object {n}" if len(entries) > 1 else "object"
+        objects = parse_prompts({"version": 1, "objects": entries}, volume)
+    bar = None
+    if not args.no_progress and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=volume.shape[2], unit="slice", desc="segmenting", file=sys.stderr)
+
+    def progress(done: int, total: int, message: str) -> None:
+        if bar is not None:
+            bar.total = max(total, done)
+            bar.n = done
+            bar.refresh()
+        else:
+            log.info("%s (%d/%d)", message, done, total)
+
+    try:
+        result = segment(volume, objects, model_name=args.model, checkpoint=args.checkpoint, device=args.device,
+                         window=args.window, modality=args.modality, overlap=args.overlap,
+                         zoom=None if args.no_zoom else 1.0, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    save(result.labels, args.output, reference=volume)
+    report = result.report()
+    report["output"] = str(args.output)
+    if args.measure:
+        from .measure import measure
+
+        report["measurements"] = measure(result.labels, image=volume)
+    if args.report:
+        with atomic_path(args.report) as tmp:
+            tmp.write_text(json.dumps(report, indent=2))
+    for obj in result.objects:
+        extent = f"slices {obj['slices'][0]}-{obj['slices'][1]}" if obj["slices"] else "empty"
+        print(f"{obj['name']} (label {obj['label']}): {obj['volume_ml']:.2f} mL, {obj['voxels']} voxels, {extent}")
+    print(f"wrote {args.output} in {result.seconds:.1f} s ({result.encoded_slices} slices encoded, "
+          f"{result.model['name']} on {result.model['device']})")
+    return 0
+
+
+def _cmd_mesh(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .io import load_labels
+    from .io._atomic import full_suffix
+    from .mesh import MESH_SUFFIXES, label_mesh, mesh_properties, write_mesh
+    from .errors import VolumeIOError
+
+    suffix = full_suffix(args.output)
+    if suffix not in MESH_SUFFIXES:
+        raise VolumeIOError(f"expected -o ending in {', '.join(MESH_SUFFIXES)}, found '{args.output.name}'")
+    labels = load_labels(args.labels)
+    values = args.label or [int(v) for v in np.unique(labels.array) if v != 0]
+    for value in values:
+        poly = label_mesh(labels, value, space=args.space, smooth=args.smooth, decimate=args.decimate)
+        out = args.output if len(values) == 1 else args.output.with_name(
+            f"{args.output.name[: -len(suffix)]}_label{value}{suffix}")
+        write_mesh(poly, out, label=value)
+        props = mesh_properties(poly)
+        print(f"label {value}: {out} ({props['triangles']} triangles, {props['volume_mm3'] / 1000:.2f} mL enclosed, "
+              f"{'watertight' if props['watertight'] else 'NOT watertight'}, {args.space})")
+    return 0
+
+
+def _cmd_measure(args: argparse.Namespace) -> int:
+    from .io import load, load_labels
+    from .measure import measure
+
+    image = load(args.image) if args.image else None
+    labels = load_labels(args.labels, image)
+    rows = measure(labels, image=image, components=not args.no_components)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif args.csv:
+        import csv
+
+        flat = [_flatten(r) for r in rows]
+        keys = list(dict.fromkeys(k for r in flat for k in r))
+        writer = csv.DictWriter(sys.stdout, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(flat)
+    else:
+        for r in rows:
+            what = f"label {r['label']} '{r['name']}'" + (f" lesion {r['component']}" if r["component"] else "")
+            print(f"{what}: {r['volume_ml']:.3f} mL ({r['voxels']} voxels), mesh {r['mesh_volume_ml']:.3f} mL, "
+                  f"surface {r['surface_mm2']:.0f} mm2, max 3D diameter {r['max_diameter_3d_mm']:.1f} mm, "
+                  f"axial long/short {r.get('long_axis_mm', 0):.1f}/{r.get('short_axis_mm', 0):.1f} mm"
+                  + (", touches the image border" if r["touches_border"] else ""))
+    return 0
+
+
+def _flatten(row: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in row.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{name}_"))
+        elif isinstance(value, list):
+            out[name] = json.dumps(value)
+        else:
+            out[name] = value
+    return out
 
 
 def _fail(message: str) -> int:

@@ -42,3 +42,28 @@ def make_volume(shape=(20, 24, 12), spacing=(0.7, 0.9, 2.5), axcodes="RAS", obli
     affine[:3, 3] = rng.uniform(-100, 100, 3)
     array = rng.integers(-1000, 1000, size=shape).astype(dtype)
     return Volume(array, affine, {"modality": "CT"})
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Derived files (the ONNX export of the encoder) go to a temporary cache, not the user's."""
+    old = os.environ.get("MEDSAM3D_CACHE")
+    os.environ["MEDSAM3D_CACHE"] = str(tmp_path_factory.mktemp("medsam3d-cache"))
+    yield
+    if old is None:
+        os.environ.pop("MEDSAM3D_CACHE", None)
+    else:
+        os.environ["MEDSAM3D_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def litemedsam():
+    """The real LiteMedSAM with its bundled weights (loaded once per session)."""
+    from medsam3d.models import load_model
+
+    return load_model("litemedsam", device="cpu")
+
+
+def dice(a, b) -> float:
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))

@@ -1,0 +1,179 @@
+"""Benchmark: medsam3d vs the naive LiteMedSAM loop on the labelled shared cases.
+
+Prints, per case and method, Dice, 95th-percentile Hausdorff distance (MONAI), volume
+error, wall seconds of the segmentation (model load excluded for every method) and the
+peak resident memory of the process that ran it (each run is its own subprocess).
+
+Methods
+  naive-3d : the reference LiteMedSAM 3D-box algorithm: from the middle slice of the
+             reference box up and down through its z range, every slice encoded alone
+             (whole slice, batch 1, PyTorch), next box = previous mask's box + 5 px,
+             falling back to the original box when a mask is empty.
+  ours-3d  : medsam3d with the same prompt (middle-slice box + z_range).
+  ours-2d  : medsam3d with one tight 2D box on the slice where the tumour is largest,
+             no z range (the realistic prompt).
+
+Usage: python benchmarks/bench_segment.py [--data ../shared/data] [--cases NAME ...] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+CASES = {
+    "sts041-ct": ("ibsi_sts_041/nifti/CT_image.nii.gz", "ibsi_sts_041/nifti/CT_mask.nii.gz"),
+    "sts041-mr": ("ibsi_sts_041/nifti/MR_T1_image.nii.gz", "ibsi_sts_041/nifti/MR_T1_mask.nii.gz"),
+    "sts001-ct": ("ibsi_sts_more/STS_001/CT_image.nii.gz", "ibsi_sts_more/STS_001/CT_mask.nii.gz"),
+    "sts001-mr": ("ibsi_sts_more/STS_001/MR_T1_image.nii.gz", "ibsi_sts_more/STS_001/MR_T1_mask.nii.gz"),
+    "sts010-ct": ("ibsi_sts_more/STS_010/CT_image.nii.gz", "ibsi_sts_more/STS_010/CT_mask.nii.gz"),
+    "sts010-mr": ("ibsi_sts_more/STS_010/MR_T1_image.nii.gz", "ibsi_sts_more/STS_010/MR_T1_mask.nii.gz"),
+    "brain2-mr": ("pyradiomics/brain2_image.nrrd", "pyradiomics/brain2_label.nrrd"),
+    "breast1-mr": ("pyradiomics/breast1_image.nrrd", "pyradiomics/breast1_label.nrrd"),
+}
+METHODS = ("naive-3d", "ours-3d", "ours-2d")
+
+
+def bbox2d(mask):
+    ii = np.flatnonzero(mask.any(axis=1))
+    jj = np.flatnonzero(mask.any(axis=0))
+    return [int(ii[0]), int(jj[0]), int(ii[-1]), int(jj[-1])]
+
+
+def prompts_for(ref: np.ndarray) -> dict[str, dict]:
+    ks = np.flatnonzero(ref.any(axis=(0, 1)))
+    k_mid = int((ks[0] + ks[-1]) // 2)
+    if not ref[:, :, k_mid].any():
+        k_mid = int(ks[np.argmin(np.abs(ks - k_mid))])
+    k_big = int(np.argmax(ref.sum(axis=(0, 1))))
+    return {
+        "3d": {"version": 1, "objects": [{"name": "tumor", "slice": k_mid, "box": bbox2d(ref[:, :, k_mid]),
+                                          "z_range": [int(ks[0]), int(ks[-1])]}]},
+        "2d": {"version": 1, "objects": [{"name": "tumor", "slice": k_big, "box": bbox2d(ref[:, :, k_big])}]},
+    }
+
+
+def naive_loop(model, images: np.ndarray, prompt: dict) -> np.ndarray:
+    """The reference algorithm (see module docstring); images is the windowed (I, J, K) volume."""
+    obj = prompt["objects"][0]
+    k_mid, box0 = obj["slice"], obj["box"]
+    z0, z1 = obj["z_range"]
+    I, J, _ = images.shape
+    out = np.zeros(images.shape, bool)
+
+    def run(k, box):
+        features = model.encode([images[:, :, k].T])[0]
+        mask, _ = model.decode(features, np.array([box]))
+        return mask[0].T
+
+    out[:, :, k_mid] = run(k_mid, box0)
+    for direction in (+1, -1):
+        prev = out[:, :, k_mid]
+        k = k_mid + direction
+        while z0 <= k <= z1:
+            if prev.any():
+                b = bbox2d(prev)
+                box = [max(0, b[0] - 5), max(0, b[1] - 5), min(I - 1, b[2] + 5), min(J - 1, b[3] + 5)]
+            else:
+                box = box0
+            out[:, :, k] = run(k, box)
+            prev = out[:, :, k]
+            k += direction
+    from medsam3d.fuse import largest_component
+
+    return largest_component(out)
+
+
+def run_one(data: Path, case: str, method: str) -> dict:
+    import medsam3d as m3
+    from medsam3d.models import load_model
+    from medsam3d.pipeline import segment
+    from medsam3d.preprocess import apply_window, choose_window
+
+    image_path, mask_path = CASES[case]
+    image = m3.load(data / image_path)
+    ref = m3.load_labels(data / mask_path, image).array == 1
+    prompt = prompts_for(ref)["2d" if method.endswith("2d") else "3d"]
+    if method == "naive-3d":
+        model = load_model("litemedsam", device="cpu", runtime="torch")
+        t0 = time.perf_counter()
+        window = choose_window(image)
+        pred = naive_loop(model, apply_window(image.array, window), prompt)
+        seconds = time.perf_counter() - t0
+        encoded = prompt["objects"][0]["z_range"][1] - prompt["objects"][0]["z_range"][0] + 1
+    else:
+        model = load_model("litemedsam", device="cpu")
+        t0 = time.perf_counter()
+        result = segment(image, prompt, model=model)
+        seconds = time.perf_counter() - t0
+        pred = result.labels.array == 1
+        encoded = result.encoded_slices
+    from monai.metrics import compute_dice, compute_hausdorff_distance
+    import torch
+
+    p = torch.from_numpy(pred[None, None].astype(np.float32))
+    r = torch.from_numpy(ref[None, None].astype(np.float32))
+    dice = float(compute_dice(p, r, include_background=True)[0, 0])
+    hd95 = float(compute_hausdorff_distance(p, r, include_background=True, percentile=95,
+                                            spacing=list(image.spacing))[0, 0]) if pred.any() else float("nan")
+    vol_pred = pred.sum() * image.voxel_volume_mm3 / 1000
+    vol_ref = ref.sum() * image.voxel_volume_mm3 / 1000
+    return {"case": case, "method": method, "dice": round(dice, 4), "hd95_mm": round(hd95, 2),
+            "volume_ml": round(vol_pred, 2), "ref_ml": round(vol_ref, 2),
+            "volume_error": round((vol_pred - vol_ref) / vol_ref, 4), "seconds": round(seconds, 2),
+            "encoded_slices": int(encoded), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    parser.add_argument("--cases", nargs="*", default=list(CASES))
+    parser.add_argument("--methods", nargs="*", default=list(METHODS))
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--one", nargs=2, metavar=("CASE", "METHOD"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.one:
+        print(json.dumps(run_one(args.data, *args.one)))
+        return 0
+    if not args.data.is_dir():
+        print(f"shared data not found at {args.data}; pass --data", file=sys.stderr)
+        return 2
+    rows = []
+    header = f"{'case':<11} {'method':<9} {'dice':>6} {'hd95mm':>7} {'vol_mL':>8} {'ref_mL':>8} {'vol_err':>8} {'sec':>7} {'enc':>4} {'peakMB':>7}"
+    print(header, flush=True)
+    for case in args.cases:
+        for method in args.methods:
+            out = subprocess.run([sys.executable, __file__, "--data", str(args.data), "--one", case, method],
+                                 capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            if out.returncode != 0:
+                print(f"{case:<11} {method:<9} FAILED: {out.stderr.strip().splitlines()[-1:]}", flush=True)
+                continue
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(f"{case:<11} {method:<9} {row['dice']:6.3f} {row['hd95_mm']:7.1f} {row['volume_ml']:8.2f} "
+                  f"{row['ref_ml']:8.2f} {row['volume_error']:+8.1%} {row['seconds']:7.1f} {row['encoded_slices']:4d} "
+                  f"{row['peak_rss_mb']:7.0f}", flush=True)
+    for method in args.methods:
+        sel = [r for r in rows if r["method"] == method]
+        if sel:
+            for group, pick in (("CT", lambda r: r["case"].endswith("-ct")), ("MR", lambda r: r["case"].endswith("-mr"))):
+                g = [r for r in sel if pick(r)]
+                if g:
+                    print(f"mean {method:<9} {group}: dice {np.mean([r['dice'] for r in g]):.3f}  "
+                          f"median |vol err| {np.median([abs(r['volume_error']) for r in g]):.1%}  "
+                          f"seconds {np.sum([r['seconds'] for r in g]):.0f} total")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

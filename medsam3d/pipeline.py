@@ -1,0 +1,176 @@
+"""``segment(volume, prompts)``: the one high-level entry point of the engine.
+
+Steps: choose and apply the intensity window -> reorient slices to the radiological
+display layout (no resampling; the slice axis k is kept so prompt slices stay valid) ->
+encode/propagate per object -> fuse into one label map -> undo the reorientation so the
+labels lie exactly on the input grid.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .fuse import fuse
+from .preprocess import Window, apply_window, choose_window
+from .prompts import BoxPrompt, ObjectPrompt, prompts_from
+from .propagate import ObjectResult, PropagationConfig, SliceEncoder, propagate
+from .volume import Volume, display_axcodes, reorient
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SegmentationResult:
+    """Labels on the input grid plus everything needed to report and reproduce them."""
+
+    labels: Volume
+    objects: list[dict[str, Any]]
+    window: Window
+    model: dict[str, Any]
+    seconds: float
+    encoded_slices: int
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def report(self) -> dict[str, Any]:
+        from . import __version__
+
+        return {
+            "medsam3d": __version__,
+            "source": self.labels.meta.get("image_source"),
+            "grid": {"shape": list(self.labels.shape), "spacing": list(self.labels.spacing),
+                     "axcodes": "".join(self.labels.axcodes)},
+            "objects": self.objects,
+            "window": self.window.as_dict(),
+            "model": self.model,
+            "seconds": round(self.seconds, 3),
+            "encoded_slices": self.encoded_slices,
+            "settings": self.settings,
+        }
+
+
+def _zoom_crop(objects: Sequence[ObjectPrompt], shape: tuple[int, int], context: float) -> tuple[int, int, int, int] | None:
+    """Region around every prompt box (each side extended by ``context`` x the box size)."""
+    boxes = np.array([b.box for o in objects for b in o.boxes], float)
+    size = np.maximum(boxes[:, 2:] - boxes[:, :2] + 1, 8)
+    lo = (boxes[:, :2] - context * size).min(axis=0)
+    hi = (boxes[:, 2:] + context * size).max(axis=0)
+    lo = np.maximum(np.floor(lo), 0).astype(int)
+    hi = np.minimum(np.ceil(hi), np.array(shape) - 1).astype(int)
+    # keep the crop square-ish so the model's 256 px are not wasted on padding
+    side = int(max(hi - lo + 1))
+    for axis in (0, 1):
+        extra = side - (hi[axis] - lo[axis] + 1)
+        lo[axis] = max(0, lo[axis] - extra // 2)
+        hi[axis] = min(shape[axis] - 1, lo[axis] + side - 1)
+        lo[axis] = max(0, hi[axis] - side + 1)
+    if (hi[0] - lo[0] + 1) * (hi[1] - lo[1] + 1) >= 0.8 * shape[0] * shape[1]:
+        return None
+    return int(lo[0]), int(lo[1]), int(hi[0]), int(hi[1])
+
+
+def _to_working(objects: Sequence[ObjectPrompt], reo) -> list[ObjectPrompt]:
+    out = []
+    for obj in objects:
+        boxes = []
+        for b in obj.boxes:
+            corners = np.array([[b.box[0], b.box[1], b.slice], [b.box[2], b.box[3], b.slice]], float)
+            c = np.round(reo.source_to_target_index(corners)).astype(int)
+            lo, hi = c.min(axis=0), c.max(axis=0)
+            boxes.append(BoxPrompt(int(c[0, 2]), (int(lo[0]), int(lo[1]), int(hi[0]), int(hi[1]))))
+        out.append(ObjectPrompt(obj.name, obj.label, boxes, obj.z_range))
+    return out
+
+
+def segment(volume: Volume, prompts, *, model=None, model_name: str = "litemedsam", checkpoint=None,
+            device: str = "auto", window: str | None = None, modality: str | None = None,
+            overlap: str = "score", keep_largest: bool = True, fill_holes: bool = True, zoom: float | None = 1.0,
+            config: PropagationConfig | None = None, progress: Callable[[int, int, str], None] | None = None
+            ) -> SegmentationResult:
+    """Segment every prompted object of ``volume`` in 3D.
+
+    Parameters
+    ----------
+    volume : Volume
+        The image (any orientation; labels come back on exactly its grid).
+    prompts : list of ObjectPrompt, prompt document (dict) or list of prompt entries
+        See :mod:`medsam3d.prompts` (voxel boxes on a slice, ``z_range``, ``box_ras``).
+    model : SliceModel, optional
+        A loaded model; otherwise ``model_name``/``checkpoint``/``device`` build one.
+    window : str, optional
+        CT preset (``soft-tissue``, ``lung``, ``bone``, ``brain``, ``liver``...), ``LEVEL,WIDTH``
+        or ``percentile``; default: chosen from the modality.
+    overlap : {"score", "first", "last", "error"}
+        Who gets a voxel claimed by two objects.
+    zoom : float or None
+        Encode a crop around the prompts, each side extended by ``zoom`` x the box size
+        (None: whole slices). Small objects in large slices gain resolution.
+    progress : callable(done, total, message), optional
+        Called after each encoded batch of slices.
+    """
+    from .models import load_model
+
+    t0 = time.perf_counter()
+    objects = prompts_from(prompts, volume)
+    if model is None:
+        model = load_model(model_name, checkpoint=checkpoint, device=device)
+    win = choose_window(volume, window, modality)
+    working, reo = reorient(volume, display_axcodes(volume))
+    images = apply_window(working.array, win)
+    work_objects = _to_working(objects, reo)
+    crop = _zoom_crop(work_objects, images.shape[:2], zoom) if zoom is not None else None
+    config = config or PropagationConfig(batch_size=8 if getattr(model, "device", "cpu") != "cpu" else 1)
+    hint = sum((o.z_range[1] - o.z_range[0] + 1) if o.z_range else images.shape[2] for o in work_objects)
+    encoder = SliceEncoder(model, images, crop=crop, batch_size=config.batch_size, progress=progress,
+                           total_hint=min(hint, images.shape[2]))
+    results = propagate(encoder, work_objects, config)
+    masks, scores = _object_masks(results, images.shape)
+    fused, lost = fuse(masks, scores, [o.label for o in work_objects], overlap=overlap,
+                       keep_largest=keep_largest, fill_holes=fill_holes)
+    labels_array = reo.invert(fused)
+    segments = {o.label: {"name": o.name, "color": _color(o.label)} for o in objects}
+    labels = Volume(labels_array, volume.affine, {"segments": segments, "image_source": volume.meta.get("source"),
+                                                  "modality": win.modality})
+    seconds = time.perf_counter() - t0
+    summary = []
+    for obj, res in zip(objects, results):
+        voxels = int(np.sum(labels_array == obj.label))
+        ks = np.flatnonzero((labels_array == obj.label).any(axis=(0, 1)))
+        summary.append({
+            "label": obj.label, "name": obj.name, "voxels": voxels,
+            "volume_ml": voxels * volume.voxel_volume_mm3 / 1000.0,
+            "slices": [int(ks[0]), int(ks[-1])] if ks.size else None,
+            "prompts": obj.as_dict()["boxes"], "z_range": list(obj.z_range) if obj.z_range else None,
+            "mean_score": round(float(np.mean([s.score for s in res.slices.values()])), 4),
+            "stopped": res.stop_reasons, "voxels_lost_to_overlap": lost.get(obj.label, 0),
+        })
+    model_info = {"name": model.name, "device": model.device, "weights_sha256": model.weights_sha256,
+                  "checkpoint": getattr(model, "checkpoint", None), "runtime": getattr(model, "runtime", "torch")}
+    log.info("segmented %d object(s) in %.1f s (%d slices encoded)", len(objects), seconds, encoder.encoded)
+    return SegmentationResult(labels, summary, win, model_info, seconds, encoder.encoded,
+                              {"overlap": overlap, "keep_largest": keep_largest, "fill_holes": fill_holes,
+                               "zoom": zoom, "crop": list(crop) if crop else None,
+                               "propagation": dict(vars(config))})
+
+
+def _object_masks(results: Sequence[ObjectResult], shape) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    masks, scores = [], []
+    for res in results:
+        mask = np.zeros(shape, bool)
+        score = np.zeros(shape[2], np.float32)
+        for k, sl in res.slices.items():
+            mask[:, :, k] = sl.mask
+            score[k] = sl.score
+        masks.append(mask)
+        scores.append(score)
+    return masks, scores
+
+
+def _color(label: int):
+    from .io.labels import default_color
+
+    return default_color(label)

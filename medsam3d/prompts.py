@@ -1,0 +1,200 @@
+"""Box prompts: in voxel indices or RAS millimetres, from the CLI, a JSON file or Python.
+
+Prompt file, version 1::
+
+    {"version": 1,
+     "objects": [
+       {"name": "tumor", "slice": 24, "box": [40, 52, 118, 130]},
+       {"name": "node",  "slice": 12, "box": [10, 12, 30, 33], "z_range": [8, 17]},
+       {"name": "mass",  "box_ras": [[-12.5, 40.0, 100.0], [10.0, 61.0, 130.0]]}
+     ]}
+
+``box`` is ``[i_min, j_min, i_max, j_max]``, inclusive voxel indices on slice ``k = slice``.
+Entries with the same ``name`` are several prompts for one object; objects get label
+values 1, 2, ... in order of first appearance. ``z_range`` (inclusive) bounds the object.
+``box_ras`` holds two opposite corners of a 3D ROI in RAS mm (a Slicer ROI): it becomes
+a box on the ROI's middle slice and a ``z_range``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from .errors import PromptError
+from .volume import Volume
+
+_OBJECT_KEYS = {"name", "slice", "box", "z_range", "box_ras", "label"}
+
+
+@dataclass(frozen=True)
+class BoxPrompt:
+    """One box on one slice: ``box = (i_min, j_min, i_max, j_max)`` inclusive voxel indices."""
+
+    slice: int
+    box: tuple[int, int, int, int]
+
+    @property
+    def area(self) -> int:
+        return (self.box[2] - self.box[0] + 1) * (self.box[3] - self.box[1] + 1)
+
+
+@dataclass
+class ObjectPrompt:
+    """Every prompt of one object, its label value and optional slice bounds."""
+
+    name: str
+    label: int
+    boxes: list[BoxPrompt] = field(default_factory=list)
+    z_range: tuple[int, int] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "label": self.label, "z_range": list(self.z_range) if self.z_range else None,
+                "boxes": [{"slice": b.slice, "box": list(b.box)} for b in self.boxes]}
+
+
+def _int_list(value: Any, n: int, what: str) -> list[int]:
+    if not isinstance(value, (list, tuple)) or len(value) != n:
+        raise PromptError(f"expected {what} as a list of {n} numbers, found {value!r}")
+    try:
+        out = [float(v) for v in value]
+    except (TypeError, ValueError):
+        raise PromptError(f"expected {what} as numbers, found {value!r}") from None
+    if any(v != round(v) for v in out):
+        raise PromptError(f"expected integer voxel indices in {what}, found {value!r}; use box_ras for millimetres")
+    return [int(v) for v in out]
+
+
+def box_from_ras(volume: Volume, corner_a: Sequence[float], corner_b: Sequence[float]) -> tuple[BoxPrompt, tuple[int, int]]:
+    """A 3D ROI given by two RAS corners -> (box on its middle slice, inclusive z range).
+
+    The ROI's 8 corners are mapped to voxel space and the covering index range is kept
+    (rounded to the nearest voxel centre, clipped to the image), so oblique or flipped
+    grids give the voxels whose centres the ROI contains.
+    """
+    a, b = np.asarray(corner_a, float), np.asarray(corner_b, float)
+    if a.shape != (3,) or b.shape != (3,):
+        raise PromptError(f"expected two RAS corners of 3 numbers each, found {corner_a!r} and {corner_b!r}")
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
+    ijk = volume.ras_to_index(corners)
+    imin = np.ceil(ijk.min(axis=0) - 1e-6).astype(int)
+    imax = np.floor(ijk.max(axis=0) + 1e-6).astype(int)
+    shape = np.array(volume.shape)
+    if np.any(imax < 0) or np.any(imin > shape - 1):
+        raise PromptError(
+            f"expected the RAS ROI {lo.round(1).tolist()}..{hi.round(1).tolist()} mm to overlap the image, found it "
+            f"outside (image covers voxels 0..{(shape - 1).tolist()}); check the coordinates are RAS, not LPS"
+        )
+    imin, imax = np.maximum(imin, 0), np.minimum(imax, shape - 1)
+    if np.any(imax < imin):
+        raise PromptError("expected the RAS ROI to contain at least one voxel centre, found none; enlarge it")
+    k_mid = int((imin[2] + imax[2]) // 2)
+    box = BoxPrompt(k_mid, (int(imin[0]), int(imin[1]), int(imax[0]), int(imax[1])))
+    return box, (int(imin[2]), int(imax[2]))
+
+
+def parse_prompts(data: dict[str, Any] | list[Any], volume: Volume) -> list[ObjectPrompt]:
+    """Validate a version-1 prompt document against ``volume`` and group it into objects."""
+    if isinstance(data, list):
+        data = {"version": 1, "objects": data}
+    if not isinstance(data, dict):
+        raise PromptError(f"expected a JSON object with 'version' and 'objects', found {type(data).__name__}")
+    unknown = set(data) - {"version", "objects"}
+    if unknown:
+        raise PromptError(f"expected keys 'version' and 'objects' in the prompt file, found also {sorted(unknown)}")
+    if data.get("version", 1) != 1:
+        raise PromptError(f"expected prompt file version 1, found {data.get('version')!r}")
+    entries = data.get("objects")
+    if not isinstance(entries, list) or not entries:
+        raise PromptError("expected a non-empty 'objects' list in the prompt file, found none")
+    I, J, K = volume.shape
+    objects: dict[str, ObjectPrompt] = {}
+    for n, entry in enumerate(entries):
+        where = f"object #{n + 1}"
+        if not isinstance(entry, dict):
+            raise PromptError(f"expected {where} to be a JSON object, found {entry!r}")
+        bad = set(entry) - _OBJECT_KEYS
+        if bad:
+            raise PromptError(f"expected only keys {sorted(_OBJECT_KEYS)} in {where}, found unknown {sorted(bad)}")
+        name = str(entry.get("name", "object"))
+        where = f"{where} ('{name}')"
+        obj = objects.get(name)
+        if obj is None:
+            obj = objects[name] = ObjectPrompt(name=name, label=len(objects) + 1)
+        if "box_ras" in entry:
+            if "box" in entry or "slice" in entry:
+                raise PromptError(f"expected either 'box_ras' or 'box' + 'slice' in {where}, found both")
+            corners = entry["box_ras"]
+            if not isinstance(corners, (list, tuple)) or len(corners) != 2:
+                raise PromptError(f"expected box_ras as two RAS corners [[R,A,S],[R,A,S]] in {where}, found {corners!r}")
+            box, z_range = box_from_ras(volume, corners[0], corners[1])
+            obj.boxes.append(box)
+            obj.z_range = _merge_range(obj.z_range, z_range)
+        else:
+            if "box" not in entry or "slice" not in entry:
+                raise PromptError(f"expected 'box' and 'slice' (or 'box_ras') in {where}, found {sorted(entry)}")
+            k = _int_list([entry["slice"]], 1, f"'slice' of {where}")[0]
+            if not 0 <= k < K:
+                raise PromptError(f"expected 'slice' of {where} within 0..{K - 1}, found {k}")
+            i0, j0, i1, j1 = _int_list(entry["box"], 4, f"'box' of {where}")
+            if i1 < i0 or j1 < j0:
+                raise PromptError(f"expected box [i_min, j_min, i_max, j_max] with min <= max in {where}, "
+                                  f"found {[i0, j0, i1, j1]}")
+            if i0 < 0 or j0 < 0 or i1 > I - 1 or j1 > J - 1:
+                raise PromptError(f"expected the box of {where} inside the slice (i 0..{I - 1}, j 0..{J - 1}), "
+                                  f"found {[i0, j0, i1, j1]}")
+            if i1 - i0 < 1 or j1 - j0 < 1:
+                raise PromptError(f"expected a box at least 2 voxels wide and high in {where}, found {[i0, j0, i1, j1]}")
+            obj.boxes.append(BoxPrompt(k, (i0, j0, i1, j1)))
+        if "z_range" in entry:
+            z0, z1 = _int_list(entry["z_range"], 2, f"'z_range' of {where}")
+            if not (0 <= z0 <= z1 < K):
+                raise PromptError(f"expected z_range of {where} with 0 <= start <= end <= {K - 1}, found {[z0, z1]}")
+            obj.z_range = _merge_range(obj.z_range, (z0, z1))
+    for obj in objects.values():
+        if obj.z_range:
+            outside = [b.slice for b in obj.boxes if not obj.z_range[0] <= b.slice <= obj.z_range[1]]
+            if outside:
+                raise PromptError(f"expected the boxes of '{obj.name}' inside its z_range {list(obj.z_range)}, "
+                                  f"found slices {outside}")
+    return list(objects.values())
+
+
+def _merge_range(a: tuple[int, int] | None, b: tuple[int, int]) -> tuple[int, int]:
+    return b if a is None else (min(a[0], b[0]), max(a[1], b[1]))
+
+
+def load_prompts(path: str | Path, volume: Volume) -> list[ObjectPrompt]:
+    path = Path(path)
+    if not path.is_file():
+        raise PromptError(f"expected a prompt JSON file at {path}, found nothing; check the path")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PromptError(f"expected valid JSON in {path}, found a syntax error ({exc}); fix the file") from None
+    return parse_prompts(data, volume)
+
+
+_BOX_RE = re.compile(r"^\s*(-?\d+),(-?\d+),(-?\d+),(-?\d+)@(-?\d+)\s*$")
+
+
+def parse_box_option(spec: str) -> dict[str, Any]:
+    """CLI shortcut ``i0,j0,i1,j1@k`` -> one prompt-file object entry."""
+    match = _BOX_RE.match(spec)
+    if not match:
+        raise PromptError(f"expected --box as i0,j0,i1,j1@k (voxel indices), found {spec!r}")
+    i0, j0, i1, j1, k = (int(g) for g in match.groups())
+    return {"name": "object", "slice": k, "box": [i0, j0, i1, j1]}
+
+
+def prompts_from(spec: Iterable[dict[str, Any]] | dict[str, Any] | list[ObjectPrompt], volume: Volume) -> list[ObjectPrompt]:
+    """Accept parsed ObjectPrompts, a prompt document, or a list of entries."""
+    if isinstance(spec, list) and spec and all(isinstance(o, ObjectPrompt) for o in spec):
+        return spec  # type: ignore[return-value]
+    return parse_prompts(spec if isinstance(spec, dict) else list(spec), volume)

@@ -1,0 +1,50 @@
+"""Weight-free test doubles: a 'model' whose answer is known, for propagation logic tests."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class ThresholdModel:
+    """Segments bright pixels (> 0.5) inside the box; score = 0.95 (0.1 for an empty mask).
+
+    Follows the SliceModel interface: images are (rows, cols) float in [0, 1]; boxes are
+    xyxy (x = column, y = row) inclusive.
+    """
+
+    name = "threshold"
+    device = "cpu"
+    weights_sha256 = None
+    runtime = "numpy"
+
+    def __init__(self):
+        self.encoded = 0
+
+    def encode(self, images):
+        self.encoded += len(images)
+        return [np.asarray(im) for im in images]
+
+    def decode(self, image, boxes):
+        masks, scores = [], []
+        for x0, y0, x1, y1 in np.asarray(boxes).reshape(-1, 4):
+            m = np.zeros(image.shape, bool)
+            r0, r1 = int(max(0, np.floor(y0))), int(min(image.shape[0] - 1, np.ceil(y1)))
+            c0, c1 = int(max(0, np.floor(x0))), int(min(image.shape[1] - 1, np.ceil(x1)))
+            m[r0 : r1 + 1, c0 : c1 + 1] = image[r0 : r1 + 1, c0 : c1 + 1] > 0.5
+            masks.append(m)
+            scores.append(0.95 if m.any() else 0.1)
+        return np.array(masks), np.array(scores, np.float32)
+
+
+def ellipsoid(shape, center, radii):
+    """Boolean ellipsoid in index space."""
+    grid = np.indices(shape).astype(float)
+    d = sum(((grid[a] - center[a]) / radii[a]) ** 2 for a in range(3))
+    return d <= 1.0
+
+
+def visible(mask, min_area=4):
+    """The part of a mask the engine keeps: slices with fewer than ``min_area`` voxels are noise."""
+    out = mask.copy()
+    out[:, :, mask.sum(axis=(0, 1)) < min_area] = False
+    return out

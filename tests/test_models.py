@@ -1,0 +1,81 @@
+"""Model adapters: the real LiteMedSAM weights, preprocessing contracts, clear load errors."""
+
+import numpy as np
+import pytest
+import torch
+
+from medsam3d import ModelError
+from medsam3d.models import load_model, resolve_device
+from medsam3d.models.litemedsam import LiteMedSAM, bundled_checkpoint
+from medsam3d.models.sam import MedSAM
+
+
+def test_bundled_weights_are_verified(litemedsam):
+    path, sha = bundled_checkpoint()
+    assert path.is_file() and litemedsam.weights_sha256 == sha
+    assert sha == "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
+
+
+def test_litemedsam_preprocessing_contract():
+    image = np.linspace(0, 1, 100 * 200, dtype=np.float32).reshape(100, 200)
+    x, (h, w) = LiteMedSAM.prepare(image)
+    assert x.shape == (256, 256) and (h, w) == (128, 256)
+    assert x[:h].max() == pytest.approx(1.0) and x[:h].min() == pytest.approx(0.0)
+    assert not x[h:].any()  # padded at the bottom
+
+
+def test_medsam_preprocessing_stretches_to_1024():
+    image = np.random.default_rng(0).random((100, 200)).astype(np.float32) * 50
+    x = MedSAM.prepare(image)
+    assert x.shape == (1024, 1024) and x.min() == pytest.approx(0) and x.max() == pytest.approx(1)
+
+
+def test_litemedsam_segments_a_bright_disc(litemedsam):
+    yy, xx = np.mgrid[:160, :160]
+    image = (0.2 + 0.6 * (((yy - 80) ** 2 + (xx - 70) ** 2) < 30**2)).astype(np.float32)
+    (features,) = litemedsam.encode([image])
+    masks, scores = litemedsam.decode(features, np.array([[38, 48, 102, 112]]))
+    truth = ((yy - 80) ** 2 + (xx - 70) ** 2) < 30**2
+    assert masks.shape == (1, 160, 160)
+    assert 2 * (masks[0] & truth).sum() / (masks[0].sum() + truth.sum()) > 0.9
+    assert scores[0] > 0.5
+
+
+def test_onnx_and_torch_encoders_agree(litemedsam):
+    if litemedsam.runtime != "onnxruntime":
+        pytest.skip("onnxruntime is not installed: the torch encoder is the only one")
+    torch_model = load_model("litemedsam", device="cpu", runtime="torch")
+    image = np.random.default_rng(1).random((120, 100)).astype(np.float32)
+    a = litemedsam.encode([image])[0][0]
+    b = torch_model.encode([image])[0][0]
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_missing_and_wrong_checkpoints_give_clear_errors(tmp_path):
+    with pytest.raises(ModelError, match="--checkpoint PATH"):
+        load_model("medsam")
+    with pytest.raises(ModelError, match="found nothing"):
+        load_model("sam-vit-b", checkpoint=tmp_path / "missing.pth")
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelError, match="cannot load"):
+        load_model("litemedsam", checkpoint=junk)
+    with pytest.raises(ModelError, match="among"):
+        load_model("sam-vit-x")
+
+
+def test_sam_checkpoint_of_the_wrong_family_is_refused(tmp_path, litemedsam):
+    path = tmp_path / "lite.pth"
+    torch.save(litemedsam.net.state_dict(), path)
+    with pytest.raises(ModelError, match="incompatible"):
+        load_model("sam-vit-b", checkpoint=path)
+
+
+def test_device_resolution():
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") in ("cpu", "cuda", "mps")
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelError, match="CUDA"):
+            resolve_device("cuda")
+    with pytest.raises(ModelError, match="expected a device"):
+        resolve_device("tpu")

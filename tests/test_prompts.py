@@ -1,0 +1,90 @@
+import json
+
+import numpy as np
+import pytest
+
+from medsam3d import PromptError, Volume
+from medsam3d.prompts import box_from_ras, load_prompts, parse_box_option, parse_prompts
+
+from conftest import make_volume
+
+
+@pytest.fixture
+def vol():
+    return make_volume(shape=(120, 140, 40), spacing=(0.8, 0.8, 3.0), axcodes="LPS")
+
+
+def test_issue_example_document(vol):
+    doc = {"version": 1, "objects": [
+        {"name": "tumor", "slice": 24, "box": [40, 52, 118, 130]},
+        {"name": "tumor", "slice": 31, "box": [44, 50, 110, 127]},
+        {"name": "node", "slice": 12, "box": [10, 12, 30, 33], "z_range": [8, 17]},
+    ]}
+    objs = parse_prompts(doc, vol)
+    assert [(o.name, o.label) for o in objs] == [("tumor", 1), ("node", 2)]
+    assert [b.slice for b in objs[0].boxes] == [24, 31]
+    assert objs[1].z_range == (8, 17)
+    assert objs[0].boxes[0].box == (40, 52, 118, 130)
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"slice": 3, "box": [0, 0, 200, 10]}, "inside the slice"),
+    ({"slice": 3, "box": [10, 10, 10, 30]}, "at least 2 voxels"),
+    ({"slice": 3, "box": [30, 10, 10, 30]}, "min <= max"),
+    ({"slice": 40, "box": [0, 0, 5, 5]}, "within 0..39"),
+    ({"slice": 3, "box": [0, 0, 5, 5], "colour": "red"}, "unknown"),
+    ({"slice": 3, "box": [0, 0, 5]}, "list of 4"),
+    ({"slice": 3, "box": [0.5, 0, 5, 5]}, "integer voxel"),
+    ({"box": [0, 0, 5, 5]}, "'box' and 'slice'"),
+    ({"slice": 3, "box": [0, 0, 5, 5], "z_range": [5, 9]}, "inside its z_range"),
+    ({"slice": 3, "box": [0, 0, 5, 5], "z_range": [5, 2]}, "start <= end"),
+])
+def test_invalid_prompts_are_refused(vol, entry, message):
+    with pytest.raises(PromptError, match=message):
+        parse_prompts({"version": 1, "objects": [entry]}, vol)
+
+
+def test_document_level_errors(vol, tmp_path):
+    with pytest.raises(PromptError, match="version 1"):
+        parse_prompts({"version": 2, "objects": [{"slice": 1, "box": [0, 0, 4, 4]}]}, vol)
+    with pytest.raises(PromptError, match="non-empty"):
+        parse_prompts({"version": 1, "objects": []}, vol)
+    bad = tmp_path / "p.json"
+    bad.write_text("{not json")
+    with pytest.raises(PromptError, match="valid JSON"):
+        load_prompts(bad, vol)
+    with pytest.raises(PromptError, match="found nothing"):
+        load_prompts(tmp_path / "missing.json", vol)
+
+
+def test_box_option():
+    assert parse_box_option("1,2,30,40@7") == {"name": "object", "slice": 7, "box": [1, 2, 30, 40]}
+    with pytest.raises(PromptError, match="i0,j0,i1,j1@k"):
+        parse_box_option("1,2,30@7")
+
+
+@pytest.mark.parametrize("codes", ["LPS", "RAS", "LAS", "PIR"])
+def test_box_ras_maps_to_the_voxels_it_contains(codes):
+    vol = make_volume(shape=(50, 60, 30), spacing=(0.7, 0.9, 2.5), axcodes=codes)
+    lo_idx, hi_idx = np.array([10, 20, 5]), np.array([30, 41, 17])
+    a, b = vol.index_to_ras(lo_idx), vol.index_to_ras(hi_idx)  # voxel centres as ROI corners
+    box, z_range = box_from_ras(vol, a, b)
+    # the k axis may not be the file's slice axis (PIR): check all three index ranges
+    assert (box.box[0], box.box[2]) == (10, 30)
+    assert (box.box[1], box.box[3]) == (20, 41)
+    assert z_range == (5, 17) and box.slice == 11
+
+
+def test_box_ras_outside_the_image_is_refused(vol):
+    far = vol.index_to_ras([500, 500, 500])
+    with pytest.raises(PromptError, match="overlap the image"):
+        parse_prompts({"version": 1, "objects": [{"name": "m", "box_ras": [far.tolist(), (far + 5).tolist()]}]}, vol)
+
+
+def test_prompt_file_round_trip(vol, tmp_path):
+    doc = {"version": 1, "objects": [{"name": "mass", "box_ras": [vol.index_to_ras([5, 6, 7]).tolist(),
+                                                                  vol.index_to_ras([25, 26, 17]).tolist()]}]}
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(doc))
+    (obj,) = load_prompts(path, vol)
+    assert obj.boxes[0].box == (5, 6, 25, 26) and obj.z_range == (7, 17) and obj.boxes[0].slice == 12

@@ -1,0 +1,133 @@
+"""Propagation and fusion logic with a weight-free model whose answer is known."""
+
+import numpy as np
+import pytest
+
+from medsam3d import PromptError, Volume
+from medsam3d.fuse import fuse
+from medsam3d.pipeline import segment
+from medsam3d.prompts import BoxPrompt, ObjectPrompt
+from medsam3d.propagate import PropagationConfig, SliceEncoder, propagate
+
+from synthetic import ThresholdModel, ellipsoid, visible
+
+
+def _volume(mask, affine=None):
+    arr = np.where(mask, 1.0, 0.0).astype(np.float32)
+    return Volume(arr, np.diag([0.8, 0.8, 2.0, 1.0]) if affine is None else affine, {"modality": "MR"})
+
+
+def _box(mask2d):
+    ii = np.flatnonzero(mask2d.any(1))
+    jj = np.flatnonzero(mask2d.any(0))
+    return [int(ii[0]), int(jj[0]), int(ii[-1]), int(jj[-1])]
+
+
+def test_walks_both_ways_and_stops_where_the_object_ends():
+    obj = visible(ellipsoid((64, 64, 40), (30, 34, 20), (12, 9, 8)))
+    # a second bright blob further along k, outside the object's footprint: must not be reached
+    obj_and_decoy = obj.copy()
+    obj_and_decoy[5:12, 5:12, 30:38] = True
+    vol = _volume(obj_and_decoy)
+    model = ThresholdModel()
+    result = segment(vol, {"version": 1, "objects": [{"name": "t", "slice": 20, "box": _box(obj[:, :, 20])}]},
+                     model=model, window="percentile", zoom=None)
+    got = result.labels.array == 1
+    assert np.array_equal(got, obj)
+    ks = np.flatnonzero(obj.any(axis=(0, 1)))
+    assert result.objects[0]["slices"] == [int(ks[0]), int(ks[-1])]
+    # only the object's slices plus one empty slice at each end were encoded
+    assert result.encoded_slices == len(ks) + 2
+    assert "empty mask" in result.objects[0]["stopped"]["up"]
+
+
+def test_result_is_on_the_input_grid_for_flipped_and_permuted_axes():
+    obj = visible(ellipsoid((50, 60, 30), (25, 28, 15), (10, 8, 6)))
+    for affine in (np.diag([-0.8, 0.8, 2.0, 1.0]), np.array([[0, 0, 2.0, 0], [0.8, 0, 0, 0], [0, -0.8, 0, 0],
+                                                              [0, 0, 0, 1]])):
+        vol = _volume(obj, affine)
+        result = segment(vol, {"version": 1, "objects": [{"slice": 15, "box": _box(obj[:, :, 15])}]},
+                         model=ThresholdModel(), window="percentile", zoom=None)
+        assert result.labels.same_grid(vol)
+        assert np.array_equal(result.labels.array == 1, obj)
+
+
+def test_z_range_bounds_the_object():
+    obj = ellipsoid((40, 40, 30), (20, 20, 15), (10, 10, 10))
+    vol = _volume(obj)
+    result = segment(vol, {"version": 1, "objects": [{"slice": 15, "box": _box(obj[:, :, 15]), "z_range": [12, 18]}]},
+                     model=ThresholdModel(), window="percentile", zoom=None)
+    assert result.objects[0]["slices"] == [12, 18]
+
+
+def test_does_not_leak_onto_a_neighbour_that_jumps_in_area():
+    obj = ellipsoid((60, 60, 30), (30, 30, 10), (6, 6, 5))
+    # a big neighbour touching the object's footprint from slice 14 on
+    big = np.zeros_like(obj)
+    big[10:50, 10:50, 14:25] = True
+    vol = _volume(obj | big)
+    result = segment(vol, {"version": 1, "objects": [{"slice": 10, "box": _box(obj[:, :, 10])}]},
+                     model=ThresholdModel(), window="percentile", zoom=None)
+    got = result.labels.array == 1
+    assert got[:, :, 14:].sum() == 0
+    assert "area jump" in result.objects[0]["stopped"]["up"]
+
+
+def test_several_prompts_and_objects_share_embeddings():
+    a = visible(ellipsoid((64, 64, 30), (20, 20, 15), (8, 8, 6)))
+    b = visible(ellipsoid((64, 64, 30), (45, 45, 12), (7, 7, 5)))
+    vol = _volume(a | b)
+    model = ThresholdModel()
+    doc = {"version": 1, "objects": [
+        {"name": "a", "slice": 15, "box": _box(a[:, :, 15])},
+        {"name": "a", "slice": 11, "box": _box(a[:, :, 11])},
+        {"name": "b", "slice": 12, "box": _box(b[:, :, 12])},
+    ]}
+    result = segment(vol, doc, model=model, window="percentile", zoom=None)
+    assert np.array_equal(result.labels.array == 1, a) and np.array_equal(result.labels.array == 2, b)
+    # each slice encoded once for both objects
+    assert model.encoded == result.encoded_slices
+    assert result.encoded_slices == len(np.flatnonzero((a | b).any(axis=(0, 1)))) + 2
+
+
+def test_overlap_policies():
+    a = np.zeros((10, 10, 4), bool)
+    a[2:6, 2:6, 1:3] = True
+    b = np.zeros_like(a)
+    b[4:8, 4:8, 1:3] = True
+    scores = [np.array([0, 0.9, 0.5, 0], np.float32), np.array([0, 0.5, 0.9, 0], np.float32)]
+    first, lost = fuse([a, b], scores, [1, 2], overlap="first", keep_largest=False, fill_holes=False)
+    assert (first[4:6, 4:6, 1:3] == 1).all() and lost[2] == 8
+    last, _ = fuse([a, b], scores, [1, 2], overlap="last", keep_largest=False, fill_holes=False)
+    assert (last[4:6, 4:6, 1:3] == 2).all()
+    best, lost = fuse([a, b], scores, [1, 2], overlap="score", keep_largest=False, fill_holes=False)
+    assert (best[4:6, 4:6, 1] == 1).all() and (best[4:6, 4:6, 2] == 2).all()
+    assert lost == {1: 4, 2: 4}
+    with pytest.raises(PromptError, match="not to overlap"):
+        fuse([a, b], scores, [1, 2], overlap="error")
+
+
+def test_fusion_fills_holes_and_keeps_the_largest_component():
+    m = np.zeros((20, 20, 6), bool)
+    m[4:14, 4:14, 1:5] = True
+    m[7:10, 7:10, 2] = False  # a hole
+    m[17:19, 17:19, 1] = True  # a speck
+    out, _ = fuse([m], [np.ones(6, np.float32)], [1])
+    assert out[8, 8, 2] == 1 and out[18, 18, 1] == 0
+
+
+def test_progress_callback_is_called():
+    obj = ellipsoid((40, 40, 20), (20, 20, 10), (8, 8, 5))
+    calls = []
+    segment(_volume(obj), {"version": 1, "objects": [{"slice": 10, "box": _box(obj[:, :, 10])}]},
+            model=ThresholdModel(), window="percentile", zoom=None, progress=lambda d, t, m: calls.append((d, t)))
+    assert calls and calls[-1][0] == len(calls) and all(t >= d for d, t in calls)
+
+
+def test_encoder_batches_ahead_along_the_walk():
+    obj = visible(ellipsoid((40, 40, 30), (20, 20, 15), (8, 8, 8)))
+    model = ThresholdModel()
+    enc = SliceEncoder(model, np.where(obj, 1.0, 0.0), batch_size=4)
+    prompt = ObjectPrompt("t", 1, [BoxPrompt(15, tuple(_box(obj[:, :, 15])))])
+    (res,) = propagate(enc, [prompt], PropagationConfig(batch_size=4))
+    assert sorted(res.slices) == list(np.flatnonzero(obj.any(axis=(0, 1))))

@@ -1,0 +1,110 @@
+"""End to end with the real LiteMedSAM weights on real cases (a few slices keep CI fast)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import medsam3d as m3
+from medsam3d.cli import main
+
+from conftest import EXAMPLES, dice, shared
+
+CASE = EXAMPLES / "sts041_ct"
+
+
+def _box(mask2d):
+    ii = np.flatnonzero(mask2d.any(1))
+    jj = np.flatnonzero(mask2d.any(0))
+    return [int(ii[0]), int(jj[0]), int(ii[-1]), int(jj[-1])]
+
+
+def test_example_case_few_slices_against_the_expert(litemedsam):
+    image = m3.load(CASE / "CT_image.nii.gz")
+    ref = m3.load_labels(CASE / "CT_mask.nii.gz", image).array == 1
+    prompts = {"version": 1, "objects": [{"name": "sarcoma", "slice": 23, "box": [57, 57, 100, 109],
+                                          "z_range": [21, 25]}]}
+    result = m3.segment(image, prompts, model=litemedsam)
+    assert result.labels.same_grid(image)
+    pred = result.labels.array == 1
+    assert pred[:, :, :21].sum() == 0 and pred[:, :, 26:].sum() == 0
+    d = dice(pred[:, :, 21:26], ref[:, :, 21:26])
+    assert d >= 0.88, d
+    assert result.encoded_slices == 5
+    obj = result.objects[0]
+    assert obj["slices"] == [21, 25] and obj["volume_ml"] == pytest.approx(pred.sum() * image.voxel_volume_mm3 / 1000)
+    assert result.window.name == "soft-tissue" and result.model["weights_sha256"].startswith("79d8c9dc")
+
+
+def test_dicom_series_to_dicom_seg(tmp_path, litemedsam):
+    series = shared("ibsi_sts_041/dicom/MR_T1/image")
+    image = m3.load(series)
+    ref = m3.load_labels(shared("ibsi_sts_041/nifti/MR_T1_mask.nii.gz"), image).array == 1
+    k = int(np.argmax(ref.sum(axis=(0, 1))))
+    prompts = {"version": 1, "objects": [{"name": "GTV", "slice": k, "box": _box(ref[:, :, k]),
+                                          "z_range": [k - 1, k + 1]}]}
+    result = m3.segment(image, prompts, model=litemedsam)
+    assert result.window.modality == "MR" and result.window.modality_source == "header"
+    out = m3.save(result.labels, tmp_path / "seg.dcm", reference=image)
+    back = m3.load_labels(out, image)
+    assert np.array_equal(back.array, result.labels.array)
+    assert dice(back.array[:, :, k - 1 : k + 2] == 1, ref[:, :, k - 1 : k + 2]) >= 0.8
+
+
+def test_cli_segment_writes_output_and_report(tmp_path, capsys):
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps({"version": 1, "objects": [
+        {"name": "sarcoma", "slice": 23, "box": [57, 57, 100, 109], "z_range": [22, 24]}]}))
+    out, report = tmp_path / "labels.seg.nrrd", tmp_path / "report.json"
+    code = main(["segment", str(CASE / "CT_image.nii.gz"), "--prompts", str(prompts), "-o", str(out),
+                 "--json", str(report), "--device", "cpu", "--measure"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "sarcoma (label 1):" in text and "mL" in text
+    labels = m3.load(out)
+    image = m3.load(CASE / "CT_image.nii.gz")
+    assert labels.same_grid(image) and labels.segments[1]["name"] == "sarcoma"
+    data = json.loads(report.read_text())
+    obj = data["objects"][0]
+    assert obj["label"] == 1 and obj["name"] == "sarcoma" and obj["slices"] == [22, 24]
+    assert obj["voxels"] == int((labels.array == 1).sum())
+    assert obj["volume_ml"] == pytest.approx(obj["voxels"] * image.voxel_volume_mm3 / 1000, abs=1e-3)
+    assert data["model"]["name"] == "litemedsam" and len(data["model"]["weights_sha256"]) == 64
+    assert data["seconds"] > 0 and data["measurements"][0]["max_diameter_3d_mm"] > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--box", "57,57,300,109@23"], "inside the slice"),
+    (["--box", "57,57,100,109@99"], "within 0..52"),
+    (["--box", "57,57,100"], "i0,j0,i1,j1@k"),
+    (["--box", "57,57,100,109@23", "--window", "nonsense"], "LEVEL,WIDTH"),
+    (["--box", "57,57,100,109@23", "--model", "medsam"], "--checkpoint PATH"),
+])
+def test_cli_bad_prompts_exit_2_with_one_line(tmp_path, capsys, args, message):
+    out = tmp_path / "labels.nii.gz"
+    code = main(["segment", str(CASE / "CT_image.nii.gz"), "-o", str(out), *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_cli_errors_as_a_user_sees_them(tmp_path):
+    """A real subprocess: exit code 2, one line on stderr, no traceback."""
+    for argv in (["info", str(tmp_path / "nope.nii.gz")],
+                 ["segment", str(CASE / "CT_image.nii.gz"), "--box", "1,1,5,5@0", "-o", str(tmp_path / "x.txt")],
+                 ["segment", str(CASE / "CT_image.nii.gz"), "-o", str(tmp_path / "x.nii.gz")]):
+        proc = subprocess.run([sys.executable, "-m", "medsam3d", *argv], capture_output=True, text=True)
+        assert proc.returncode == 2, proc.stderr
+        assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_info_json_geometry():
+    proc = subprocess.run([sys.executable, "-m", "medsam3d", "info", str(CASE / "CT_image.nii.gz"), "--json"],
+                          capture_output=True, text=True, check=True)
+    info = json.loads(proc.stdout)
+    assert info["shape"] == [153, 163, 53] and info["axcodes"] == "LPS"
+    np.testing.assert_allclose(info["spacing"], [0.976562, 0.976562, 3.27], atol=1e-5)
+    assert np.array(info["affine"]).shape == (4, 4) and info["modality"] is None
