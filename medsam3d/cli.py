@@ -79,6 +79,14 @@ def _get_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-components", action="store_true", help="whole labels only, not each lesion")
     p.set_defaults(func=_cmd_measure)
 
+    p = sub.add_parser("render", help="PNG pictures: 3D view of the meshes, or axial overlay with RECIST axes")
+    p.add_argument("labels", type=Path, help="label map")
+    p.add_argument("-o", "--output", type=Path, required=True, help="PNG file")
+    p.add_argument("--view", choices=["3d", "axial"], default="3d")
+    p.add_argument("--image", type=Path, help="image under the overlay (required for --view axial)")
+    p.add_argument("--label", type=int, default=None, help="label to draw (axial view; default: the first)")
+    p.set_defaults(func=_cmd_render)
+
     return parser
 
 
@@ -222,6 +230,28 @@ def _cmd_measure(args: argparse.Namespace) -> int:
                   f"surface {r['surface_mm2']:.0f} mm2, max 3D diameter {r['max_diameter_3d_mm']:.1f} mm, "
                   f"axial long/short {r.get('long_axis_mm', 0):.1f}/{r.get('short_axis_mm', 0):.1f} mm"
                   + (", touches the image border" if r["touches_border"] else ""))
+    return 0
+
+
+def _cmd_render(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .errors import VolumeIOError
+    from .io import load, load_labels
+    from .render import axial_overlay, render_meshes
+
+    if args.output.suffix.lower() != ".png":
+        raise VolumeIOError(f"expected -o ending in .png, found '{args.output.name}'")
+    image = load(args.image) if args.image else None
+    labels = load_labels(args.labels, image)
+    if args.view == "3d":
+        render_meshes(labels, args.output, labels_to_show=[args.label] if args.label else None)
+    else:
+        if image is None:
+            raise VolumeIOError("expected --image IMAGE for the axial overlay, found none")
+        values = [int(v) for v in np.unique(labels.array) if v != 0]
+        axial_overlay(image, labels, args.output, label=args.label or (values[0] if values else 1))
+    print(f"wrote {args.output}")
     return 0
 
 

@@ -103,15 +103,20 @@ def recist_axes(mask2d: np.ndarray, affine2d: np.ndarray) -> dict[str, Any]:
     pu, pv = (dense - hull[a]) @ u, (dense - hull[a]) @ v
     step = 0.25 * float(min(np.linalg.norm(affine2d[:, 0]), np.linalg.norm(affine2d[:, 1])))
     bins = np.floor(pu / step).astype(int)
-    short = 0.0
+    short, ends = 0.0, None
     order = np.argsort(bins)
-    bins, pv = bins[order], pv[order]
+    bins, pv, pu = bins[order], pv[order], pu[order]
     splits = np.flatnonzero(np.diff(bins)) + 1
-    for group in np.split(pv, splits):
-        if group.size >= 2:
-            short = max(short, float(group.max() - group.min()))
-    return {"long_axis_mm": round(long_axis, 3), "short_axis_mm": round(short, 3),
-            "long_axis_ras": [hull[a].round(3).tolist(), hull[b].round(3).tolist()]}
+    for group_v, group_u in zip(np.split(pv, splits), np.split(pu, splits)):
+        if group_v.size >= 2 and float(group_v.max() - group_v.min()) > short:
+            short = float(group_v.max() - group_v.min())
+            u_mid = float(group_u.mean())
+            ends = [hull[a] + u_mid * u + float(group_v.min()) * v, hull[a] + u_mid * u + float(group_v.max()) * v]
+    out = {"long_axis_mm": round(long_axis, 3), "short_axis_mm": round(short, 3),
+           "long_axis_ras": [hull[a].round(3).tolist(), hull[b].round(3).tolist()]}
+    if ends is not None:
+        out["short_axis_ras"] = [ends[0].round(3).tolist(), ends[1].round(3).tolist()]
+    return out
 
 
 def _plane_coords(world: np.ndarray) -> np.ndarray:
@@ -159,7 +164,8 @@ def _component_stats(mask: np.ndarray, labels: Volume, axial: tuple[np.ndarray, 
         k = int(np.argmax(areas))
         a2 = np.column_stack([ax_affine[:3, 0], ax_affine[:3, 1], ax_affine[:3, :3] @ [0, 0, k] + ax_affine[:3, 3]])
         axes = recist_axes(m[:, :, k], a2)
-        out.update({"axial_slice_area_mm2": round(float(areas[k]) * float(np.linalg.norm(np.cross(ax_affine[:3, 0], ax_affine[:3, 1]))), 3),
+        out.update({"axial_slice": _source_slice(k, ax_affine, affine),
+                    "axial_slice_area_mm2": round(float(areas[k]) * float(np.linalg.norm(np.cross(ax_affine[:3, 0], ax_affine[:3, 1]))), 3),
                     **axes})
     if image is not None:
         values = image.array[mask].astype(np.float64)
@@ -202,3 +208,10 @@ def measure(labels: Volume, image: Volume | None = None, *, components: bool = T
                              **_component_stats(comp == c + 1, labels, axial, image)})
     return rows
 
+
+
+def _source_slice(k_axial: int, axial_affine: np.ndarray, affine: np.ndarray) -> int | None:
+    """The input's own slice index of an axial slice, when the input is itself axial."""
+    centre = axial_affine[:3, :3] @ [0, 0, k_axial] + axial_affine[:3, 3]
+    k = (np.linalg.inv(affine) @ np.append(centre, 1.0))[2]
+    return int(round(k))

@@ -73,6 +73,13 @@ def _zoom_crop(objects: Sequence[ObjectPrompt], shape: tuple[int, int], context:
     return int(lo[0]), int(lo[1]), int(hi[0]), int(hi[1])
 
 
+def _roi_values(volume: Volume, objects: Sequence[ObjectPrompt]) -> np.ndarray:
+    """Intensities inside every prompt box (on its slice), for ROI-fitted windows."""
+    parts = [volume.array[b.box[0] : b.box[2] + 1, b.box[1] : b.box[3] + 1, b.slice].ravel()
+             for o in objects for b in o.boxes]
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
 def _to_working(objects: Sequence[ObjectPrompt], reo) -> list[ObjectPrompt]:
     out = []
     for obj in objects:
@@ -118,12 +125,13 @@ def segment(volume: Volume, prompts, *, model=None, model_name: str = "litemedsa
     objects = prompts_from(prompts, volume)
     if model is None:
         model = load_model(model_name, checkpoint=checkpoint, device=device)
-    win = choose_window(volume, window, modality)
+    win = choose_window(volume, window, modality, roi_values=_roi_values(volume, objects))
     working, reo = reorient(volume, display_axcodes(volume))
     images = apply_window(working.array, win)
     work_objects = _to_working(objects, reo)
     crop = _zoom_crop(work_objects, images.shape[:2], zoom) if zoom is not None else None
     config = config or PropagationConfig(batch_size=8 if getattr(model, "device", "cpu") != "cpu" else 1)
+    config.pixel_mm = (float(working.spacing[0]), float(working.spacing[1]))
     hint = sum((o.z_range[1] - o.z_range[0] + 1) if o.z_range else images.shape[2] for o in work_objects)
     encoder = SliceEncoder(model, images, crop=crop, batch_size=config.batch_size, progress=progress,
                            total_hint=min(hint, images.shape[2]))

@@ -33,6 +33,8 @@ CT_WINDOWS: dict[str, tuple[float, float]] = {
     "mediastinum": (50.0, 350.0),
 }
 MR_PERCENTILES = (0.5, 99.5)
+ROI_PERCENTILES = (1.0, 99.0)
+ROI_WIDEN = 0.2
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,8 @@ def parse_window(spec: str | None) -> tuple[str | None, tuple[float, float] | No
         return spec, CT_WINDOWS[spec]
     if spec in ("percentile", "mr"):
         return "percentile", None
+    if spec == "roi":
+        return "roi", None
     try:
         level, width = (float(x) for x in spec.split(","))
     except ValueError:
@@ -82,12 +86,25 @@ def parse_window(spec: str | None) -> tuple[str | None, tuple[float, float] | No
     return f"{level:g},{width:g}", (level, width)
 
 
-def choose_window(volume: Volume, window: str | None = None, modality: str | None = None) -> Window:
+def choose_window(volume: Volume, window: str | None = None, modality: str | None = None,
+                  roi_values: np.ndarray | None = None) -> Window:
+    """Pick the intensity window (see the module docstring).
+
+    ``roi`` fits the window to ``roi_values`` (the voxels inside the prompt boxes): their
+    1st..99th percentiles, widened by ``ROI_WIDEN`` of that range on each side, so a
+    low-contrast tumour gets the full grey range.
+    """
     if modality:
         mod, source = modality.upper(), "given"
     else:
         mod, source = guess_modality(volume)
     name, level_width = parse_window(window)
+    if name == "roi":
+        if roi_values is None or roi_values.size < 4:
+            raise PromptError("expected prompt boxes to fit the 'roi' window to, found none")
+        lo, hi = (float(v) for v in np.percentile(roi_values, ROI_PERCENTILES))
+        pad = ROI_WIDEN * max(hi - lo, 1e-3)
+        return Window(mod, "roi", lo - pad, hi + pad, "roi", source)
     if level_width is not None:
         level, width = level_width
         return Window(mod, "ct-window", level - width / 2, level + width / 2, name, source)

@@ -47,6 +47,12 @@ class PropagationConfig:
     max_growth: float = 1.8
     max_shift: float = 0.5
     batch_size: int = 1
+    #: propagated boxes stay inside the prompted box widened by this fraction of its size (None: no limit)
+    box_limit_frac: float | None = None
+    #: a slice's mask may extend at most this far (mm) beyond the previous slice's mask (None: no limit)
+    max_step_mm: float | None = None
+    #: in-plane pixel size (mm) along i and j, set by the pipeline from the volume
+    pixel_mm: tuple[float, float] = (1.0, 1.0)
 
 
 @dataclass
@@ -172,8 +178,13 @@ def propagate(encoder: SliceEncoder, objects: Sequence[ObjectPrompt], config: Pr
                     continue
                 prev_box = mask_box(prev.mask) or prev.box
                 box = expand_box(prev_box, (I, J), config.margin_frac, config.margin_min)
+                if config.box_limit_frac is not None:
+                    box = _clip_box(box, expand_box(start.box, (I, J), config.box_limit_frac, 0))
                 masks, scores = encoder.predict(k, np.array([box]), direction, (lo, hi))
-                mask = _largest_2d_component(masks[0])
+                mask = masks[0]
+                if config.max_step_mm is not None and prev.mask.any():
+                    mask = mask & _dilate_mm(prev.mask, config.max_step_mm, config.pixel_mm)
+                mask = _largest_2d_component(mask)
                 score = float(scores[0])
                 area = int(mask.sum())
                 stop = _stop_reason(mask, area, score, prev, peak, config, bounded=obj.z_range is not None,
@@ -190,6 +201,24 @@ def propagate(encoder: SliceEncoder, objects: Sequence[ObjectPrompt], config: Pr
                  result.stop_reasons["down"], result.stop_reasons["up"])
         results.append(result)
     return results
+
+
+def _clip_box(box, limit):
+    i0, j0, i1, j1 = box
+    a0, b0, a1, b1 = limit
+    out = (max(i0, a0), max(j0, b0), min(i1, a1), min(j1, b1))
+    return out if out[2] > out[0] and out[3] > out[1] else tuple(limit)
+
+
+def _dilate_mm(mask: np.ndarray, radius_mm: float, pixel_mm: tuple[float, float]) -> np.ndarray:
+    """Binary dilation by an ellipse of ``radius_mm`` in physical units (anisotropic pixels)."""
+    from scipy import ndimage
+
+    ri = max(1, int(np.floor(radius_mm / pixel_mm[0])))
+    rj = max(1, int(np.floor(radius_mm / pixel_mm[1])))
+    ii, jj = np.ogrid[-ri : ri + 1, -rj : rj + 1]
+    footprint = (ii * pixel_mm[0]) ** 2 + (jj * pixel_mm[1]) ** 2 <= radius_mm**2
+    return ndimage.binary_dilation(mask, structure=footprint)
 
 
 def _box_mask(box, shape) -> np.ndarray:

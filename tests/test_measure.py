@@ -8,7 +8,9 @@ from medsam3d import Volume
 from medsam3d.measure import measure
 from medsam3d.mesh import label_mesh, mesh_properties, read_mesh, write_mesh
 
-from conftest import shared
+from conftest import EXAMPLES, shared
+
+EXAMPLE = EXAMPLES / "sts041_ct"
 
 def _rotation(deg):
     t = np.radians(deg)
@@ -178,3 +180,25 @@ def test_cli_mesh_and_measure(tmp_path, capsys):
     assert lines[0].startswith("label,name,component") and len(lines) >= 5
     assert main(["mesh", str(mask), "-o", str(tmp_path / "p.xyz")]) == 2
     assert main(["mesh", str(mask), "-o", str(tmp_path / "q.stl"), "--label", "5"]) == 2
+
+
+def test_pictures_show_the_lesion(tmp_path):
+    """Offscreen VTK rendering and the axial overlay, checked by looking at their pixels."""
+    from PIL import Image
+
+    from medsam3d.cli import main
+
+    image = EXAMPLE / "CT_image.nii.gz"
+    mask = EXAMPLE / "CT_mask.nii.gz"
+    assert main(["render", str(mask), "-o", str(tmp_path / "mesh.png")]) == 0
+    rgb = np.asarray(Image.open(tmp_path / "mesh.png").convert("RGB")).astype(int)
+    # the mesh is drawn in its segment colour (green-ish) on a white background
+    greenish = (rgb[..., 1] > rgb[..., 0] + 20) & (rgb[..., 1] > rgb[..., 2] + 20)
+    assert 0.05 < greenish.mean() < 0.8
+    assert main(["render", str(mask), "--view", "axial", "--image", str(image), "-o", str(tmp_path / "ax.png")]) == 0
+    rgb = np.asarray(Image.open(tmp_path / "ax.png").convert("RGB")).astype(int)
+    yellow = (rgb[..., 0] > 200) & (rgb[..., 1] > 200) & (rgb[..., 2] < 80)
+    red = (rgb[..., 0] > 200) & (rgb[..., 1] < 60) & (rgb[..., 2] < 60)
+    cyan = (rgb[..., 0] < 60) & (rgb[..., 1] > 200) & (rgb[..., 2] > 200)
+    assert yellow.sum() > 200 and red.sum() > 50 and cyan.sum() > 50
+    assert main(["render", str(mask), "--view", "axial", "-o", str(tmp_path / "x.png")]) == 2

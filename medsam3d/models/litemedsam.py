@@ -39,6 +39,8 @@ class LiteMedSAM:
 
     name = "litemedsam"
     input_size = INPUT
+    #: logit above which a pixel is foreground (0 = probability 0.5, the reference)
+    mask_threshold = 0.0
 
     def __init__(self, checkpoint: str | Path | None = None, device: str | None = "auto", runtime: str = "auto",
                  threads: int | None = None):
@@ -130,7 +132,7 @@ class LiteMedSAM:
             )
             logits = logits[:, :, :nh, :nw]
             logits = torch.nn.functional.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
-        masks = (logits[:, 0] > 0).cpu().numpy()
+        masks = (logits[:, 0] > self.mask_threshold).cpu().numpy()
         return masks, iou[:, 0].float().cpu().numpy()
 
 
