@@ -49,6 +49,7 @@ class SegmentationResult:
             "model": self.model,
             "seconds": round(self.seconds, 3),
             "encoded_slices": self.encoded_slices,
+            "encoded_sections": self.settings.get("encoded_sections", 0),
             "settings": self.settings,
         }
 
@@ -131,7 +132,7 @@ def segment(volume: Volume, prompts, *, model=None, model_name: str = "litemedsa
     work_objects = _to_working(objects, reo)
     crop = _zoom_crop(work_objects, images.shape[:2], zoom) if zoom is not None else None
     config = config or PropagationConfig(batch_size=8 if getattr(model, "device", "cpu") != "cpu" else 1)
-    config.pixel_mm = (float(working.spacing[0]), float(working.spacing[1]))
+    config.voxel_mm = tuple(float(v) for v in working.spacing)
     hint = sum((o.z_range[1] - o.z_range[0] + 1) if o.z_range else images.shape[2] for o in work_objects)
     encoder = SliceEncoder(model, images, crop=crop, batch_size=config.batch_size, progress=progress,
                            total_hint=min(hint, images.shape[2]))
@@ -160,7 +161,8 @@ def segment(volume: Volume, prompts, *, model=None, model_name: str = "litemedsa
                   "checkpoint": getattr(model, "checkpoint", None), "runtime": getattr(model, "runtime", "torch")}
     log.info("segmented %d object(s) in %.1f s (%d slices encoded)", len(objects), seconds, encoder.encoded)
     return SegmentationResult(labels, summary, win, model_info, seconds, encoder.encoded,
-                              {"overlap": overlap, "keep_largest": keep_largest, "fill_holes": fill_holes,
+                              {"encoded_sections": encoder.sections_encoded,
+                               "overlap": overlap, "keep_largest": keep_largest, "fill_holes": fill_holes,
                                "zoom": zoom, "crop": list(crop) if crop else None,
                                "propagation": dict(vars(config))})
 

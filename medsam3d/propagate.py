@@ -38,8 +38,8 @@ Progress = Callable[[int, int, str], None]
 
 @dataclass
 class PropagationConfig:
-    margin_frac: float = 0.08
-    margin_min: int = 3
+    margin_frac: float = 0.03
+    margin_min: int = 1
     min_area_frac: float = 0.15
     min_area_px: int = 4
     tail_score_frac: float = 0.92
@@ -51,8 +51,16 @@ class PropagationConfig:
     box_limit_frac: float | None = None
     #: a slice's mask may extend at most this far (mm) beyond the previous slice's mask (None: no limit)
     max_step_mm: float | None = None
-    #: in-plane pixel size (mm) along i and j, set by the pipeline from the volume
-    pixel_mm: tuple[float, float] = (1.0, 1.0)
+    #: re-decode a slice with the box of its own mask (+ margin) up to this many times (no re-encoding)
+    refine_iters: int = 0
+    #: take each slice's box from orthogonal (sagittal + coronal) sections, see :mod:`medsam3d.views`
+    orthogonal: bool = True
+    #: without a z_range, the sections first span the key box's largest in-plane size x this, each way
+    section_reach: float = 0.6
+    #: with a z_range, the sections' box is the key box widened by this fraction each side
+    section_margin_3d: float = 0.15
+    #: voxel size (mm) along i, j, k, set by the pipeline from the volume
+    voxel_mm: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
 
 @dataclass
@@ -84,6 +92,7 @@ class SliceEncoder:
         self.crop = crop or (0, 0, I - 1, J - 1)
         self.batch_size = max(1, int(batch_size))
         self.cache: dict[int, object] = {}
+        self.sections_encoded = 0
         self.progress = progress
         self.total_hint = total_hint or images.shape[2]
 
@@ -165,7 +174,7 @@ def propagate(encoder: SliceEncoder, objects: Sequence[ObjectPrompt], config: Pr
             masks, scores = encoder.predict(k, np.array([prompt.box]), 0, (lo, hi))
             mask = masks[0] & _box_mask(expand_box(prompt.box, (I, J), 0.0, config.margin_min), (I, J))
             result.slices[k] = SliceResult(mask, float(scores[0]), prompt.box)
-        for direction in (+1, -1):
+        for direction in (+1, -1) if not (config.orthogonal and obj.z_range) else ():
             prev = result.slices[start.slice]
             peak = max(int(prev.mask.sum()), 1)
             k = start.slice + direction
@@ -181,9 +190,18 @@ def propagate(encoder: SliceEncoder, objects: Sequence[ObjectPrompt], config: Pr
                 if config.box_limit_frac is not None:
                     box = _clip_box(box, expand_box(start.box, (I, J), config.box_limit_frac, 0))
                 masks, scores = encoder.predict(k, np.array([box]), direction, (lo, hi))
+                for _ in range(config.refine_iters):
+                    own = mask_box(masks[0])
+                    if own is None:
+                        break
+                    tighter = expand_box(own, (I, J), config.margin_frac, config.margin_min)
+                    if _box_iou(tighter, box) > 0.95:
+                        break
+                    box = tighter
+                    masks, scores = encoder.predict(k, np.array([box]), direction, (lo, hi))
                 mask = masks[0]
                 if config.max_step_mm is not None and prev.mask.any():
-                    mask = mask & _dilate_mm(prev.mask, config.max_step_mm, config.pixel_mm)
+                    mask = mask & _dilate_mm(prev.mask, config.max_step_mm, config.voxel_mm[:2])
                 mask = _largest_2d_component(mask)
                 score = float(scores[0])
                 area = int(mask.sum())
@@ -197,10 +215,76 @@ def propagate(encoder: SliceEncoder, objects: Sequence[ObjectPrompt], config: Pr
                 prev = result.slices[k]
                 k += direction
             result.stop_reasons["up" if direction > 0 else "down"] = reason
+        if config.orthogonal:
+            _orthogonal_pass(encoder, obj, result, start, keys, config)
         log.info("object '%s': slices %d..%d (%s; %s)", obj.name, min(result.slices), max(result.slices),
                  result.stop_reasons["down"], result.stop_reasons["up"])
         results.append(result)
     return results
+
+
+def _orthogonal_pass(encoder: SliceEncoder, obj: ObjectPrompt, result: ObjectResult, start, keys, config) -> None:
+    """Re-segment every slice with a box read from orthogonal sections (replaces the chain's boxes).
+
+    With a ``z_range`` the sections span it; otherwise they start from the chain's extent
+    and grow while the object goes on (see :func:`medsam3d.views.orthogonal_boxes`), and the
+    object ends where the sections end.
+    """
+    from .views import orthogonal_boxes
+
+    I, J, K = encoder.images.shape
+    if obj.z_range:
+        z, adaptive = obj.z_range, False
+    else:
+        # first guess: the chain's extent, and at least the key box's largest in-plane size
+        # each way (tumours are rarely more than twice as long as they are wide)
+        b = start.box
+        reach = int(np.ceil(max((b[2] - b[0] + 1) * config.voxel_mm[0], (b[3] - b[1] + 1) * config.voxel_mm[1])
+                            / config.voxel_mm[2] * config.section_reach))
+        z = (max(0, min(min(result.slices) - 1, start.slice - reach)),
+             min(K - 1, max(max(result.slices) + 1, start.slice + reach)))
+        adaptive = True
+    # a given z_range comes with a box on one slice that need not be the largest: wider sections
+    boxes, sections = orthogonal_boxes(encoder.model, encoder.images, config.voxel_mm, start.box, z,
+                                       adaptive=adaptive, margin=config.section_margin_3d if obj.z_range else 0.05)
+    encoder.sections_encoded += sections
+    lo, hi = (obj.z_range if obj.z_range else (min(boxes, default=start.slice), max(boxes, default=start.slice)))
+    slices = {k: result.slices[k] for k in keys}
+    for direction in (+1, -1):
+        k = start.slice + direction
+        last_box = start.box
+        while lo <= k <= hi:
+            if k in keys:
+                last_box = keys[k].box
+                k += direction
+                continue
+            if k not in boxes and not obj.z_range:
+                result.stop_reasons["up" if direction > 0 else "down"] = f"orthogonal sections end at slice {k}"
+                break
+            box = boxes.get(k, last_box)  # inside a given range, a gap reuses the nearest box
+            box = expand_box(box, (I, J), config.margin_frac, config.margin_min)
+            masks, scores = encoder.predict(k, np.array([box]), direction, (lo, hi))
+            mask = _largest_2d_component(masks[0])
+            if mask.sum() < config.min_area_px:
+                if obj.z_range:
+                    k += direction
+                    continue
+                result.stop_reasons["up" if direction > 0 else "down"] = f"empty mask at slice {k}"
+                break
+            slices[k] = SliceResult(mask, float(scores[0]), box)
+            last_box = boxes.get(k, last_box)
+            k += direction
+        else:
+            result.stop_reasons["up" if direction > 0 else "down"] = "z_range end" if obj.z_range else "sections end"
+    result.slices = slices
+
+
+def _box_iou(a, b) -> float:
+    i0, j0 = max(a[0], b[0]), max(a[1], b[1])
+    i1, j1 = min(a[2], b[2]), min(a[3], b[3])
+    inter = max(0, i1 - i0 + 1) * max(0, j1 - j0 + 1)
+    area = lambda x: (x[2] - x[0] + 1) * (x[3] - x[1] + 1)  # noqa: E731
+    return inter / float(area(a) + area(b) - inter)
 
 
 def _clip_box(box, limit):

@@ -20,9 +20,23 @@ from .volume import Volume, reorient
 log = logging.getLogger(__name__)
 
 
+def _import_torchvision_first() -> None:
+    """Load torchvision before VTK opens an OpenGL/EGL context.
+
+    Importing torchvision (as timm does for LiteMedSAM) *after* VTK has rendered offscreen
+    segfaults the process (seen with the vtk 9.x wheel and torch 2.14 CUDA builds); the
+    other order is safe, so a process that renders can still load the model later.
+    """
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # not installed or broken: nothing to protect
+        pass
+
+
 def render_meshes(labels: Volume, path: str | Path, *, labels_to_show: Sequence[int] | None = None,
                   size: tuple[int, int] = (800, 800), smooth: int = 15) -> Path:
     """Render every label's surface (segment colours), seen from the patient's front, head up."""
+    _import_torchvision_first()
     vtk = require("vtk", "rendering", None)
     from .io.labels import segment_table
     from .mesh import label_mesh

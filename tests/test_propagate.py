@@ -31,7 +31,7 @@ def test_walks_both_ways_and_stops_where_the_object_ends():
     vol = _volume(obj_and_decoy)
     model = ThresholdModel()
     result = segment(vol, {"version": 1, "objects": [{"name": "t", "slice": 20, "box": _box(obj[:, :, 20])}]},
-                     model=model, window="percentile", zoom=None)
+                     model=model, window="percentile", zoom=None, config=PropagationConfig(orthogonal=False))
     got = result.labels.array == 1
     assert np.array_equal(got, obj)
     ks = np.flatnonzero(obj.any(axis=(0, 1)))
@@ -67,7 +67,7 @@ def test_does_not_leak_onto_a_neighbour_that_jumps_in_area():
     big[10:50, 10:50, 14:25] = True
     vol = _volume(obj | big)
     result = segment(vol, {"version": 1, "objects": [{"slice": 10, "box": _box(obj[:, :, 10])}]},
-                     model=ThresholdModel(), window="percentile", zoom=None)
+                     model=ThresholdModel(), window="percentile", zoom=None, config=PropagationConfig(orthogonal=False, margin_frac=0.08, margin_min=3))
     got = result.labels.array == 1
     assert got[:, :, 14:].sum() == 0
     assert "area jump" in result.objects[0]["stopped"]["up"]
@@ -83,7 +83,7 @@ def test_several_prompts_and_objects_share_embeddings():
         {"name": "a", "slice": 11, "box": _box(a[:, :, 11])},
         {"name": "b", "slice": 12, "box": _box(b[:, :, 12])},
     ]}
-    result = segment(vol, doc, model=model, window="percentile", zoom=None)
+    result = segment(vol, doc, model=model, window="percentile", zoom=None, config=PropagationConfig(orthogonal=False))
     assert np.array_equal(result.labels.array == 1, a) and np.array_equal(result.labels.array == 2, b)
     # each slice encoded once for both objects
     assert model.encoded == result.encoded_slices
@@ -129,5 +129,46 @@ def test_encoder_batches_ahead_along_the_walk():
     model = ThresholdModel()
     enc = SliceEncoder(model, np.where(obj, 1.0, 0.0), batch_size=4)
     prompt = ObjectPrompt("t", 1, [BoxPrompt(15, tuple(_box(obj[:, :, 15])))])
-    (res,) = propagate(enc, [prompt], PropagationConfig(batch_size=4))
+    (res,) = propagate(enc, [prompt], PropagationConfig(batch_size=4, orthogonal=False))
     assert sorted(res.slices) == list(np.flatnonzero(obj.any(axis=(0, 1))))
+
+
+@pytest.mark.parametrize("z_range", [None, [13, 27]])
+def test_orthogonal_sections_find_the_extent_and_boxes(z_range):
+    """An elongated object whose slices shift sideways: sections give each slice its own box."""
+    shape = (70, 70, 40)
+    grid = np.indices(shape).astype(float)
+    centre_i = 30 + 0.6 * (grid[2] - 20)  # drifts along i with k
+    obj = ((grid[0] - centre_i) / 9) ** 2 + ((grid[1] - 35) / 7) ** 2 + ((grid[2] - 20) / 7.5) ** 2 <= 1
+    obj = visible(obj)
+    entry = {"slice": 20, "box": _box(obj[:, :, 20])}
+    if z_range:
+        entry["z_range"] = z_range
+    model = ThresholdModel()
+    vol = Volume(np.where(obj, 1.0, 0.0).astype(np.float32), np.diag([1.0, 1.0, 1.0, 1.0]), {"modality": "MR"})
+    result = segment(vol, {"version": 1, "objects": [entry]}, model=model, window="percentile", zoom=None)
+    got = result.labels.array == 1
+    ks = np.flatnonzero(obj.any(axis=(0, 1)))
+    assert result.objects[0]["slices"] == [int(ks[0]), int(ks[-1])]
+    assert 2 * (got & obj).sum() / (got.sum() + obj.sum()) > 0.97
+    assert result.report()["encoded_sections"] == 6
+    assert model.encoded == result.encoded_slices + 6
+
+
+def test_orthogonal_sections_use_square_pixels_on_thick_slices():
+    from medsam3d.views import Section
+
+    captured = {}
+
+    class Spy(ThresholdModel):
+        def encode(self, images):
+            captured["shape"] = images[0].shape
+            return super().encode(images)
+
+    section = np.zeros((50, 12))  # 50 columns of 0.8 mm, 12 slices of 4 mm
+    section[10:30, 3:8] = 1
+    sec = Section(Spy(), section, row_scale=4 / 0.8)
+    assert captured["shape"] == (60, 50)  # 12 slices x 5 -> 60 rows
+    mask = sec.mask((8, 32), (2, 9))
+    assert mask.shape == (50, 12)
+    assert mask[10:30, 3:8].all() and not mask[:, :3].any() and not mask[:, 8:].any()
