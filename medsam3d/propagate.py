@@ -1,6 +1,10 @@
 """Slice-by-slice propagation of box prompts through a volume.
 
-From each object's prompted slice (the one with the largest box first) the engine walks
+By default (``PropagationConfig.orthogonal``) every slice's box comes from orthogonal
+sections through the object (:mod:`medsam3d.views`): the box chain below then only
+gives the first guess of the object's extent when no ``z_range`` is given.
+
+The box chain: from each object's prompted slice (the one with the largest box first) the engine walks
 outwards in both directions. The next slice's box is the previous mask's bounding box
 plus a margin; a prompted slice on the way uses its own box. An object ends on evidence:
 
@@ -47,12 +51,6 @@ class PropagationConfig:
     max_growth: float = 1.8
     max_shift: float = 0.5
     batch_size: int = 1
-    #: propagated boxes stay inside the prompted box widened by this fraction of its size (None: no limit)
-    box_limit_frac: float | None = None
-    #: a slice's mask may extend at most this far (mm) beyond the previous slice's mask (None: no limit)
-    max_step_mm: float | None = None
-    #: re-decode a slice with the box of its own mask (+ margin) up to this many times (no re-encoding)
-    refine_iters: int = 0
     #: take each slice's box from orthogonal (sagittal + coronal) sections, see :mod:`medsam3d.views`
     orthogonal: bool = True
     #: without a z_range, the sections first span the key box's largest in-plane size x this, each way
@@ -187,22 +185,8 @@ def propagate(encoder: SliceEncoder, objects: Sequence[ObjectPrompt], config: Pr
                     continue
                 prev_box = mask_box(prev.mask) or prev.box
                 box = expand_box(prev_box, (I, J), config.margin_frac, config.margin_min)
-                if config.box_limit_frac is not None:
-                    box = _clip_box(box, expand_box(start.box, (I, J), config.box_limit_frac, 0))
                 masks, scores = encoder.predict(k, np.array([box]), direction, (lo, hi))
-                for _ in range(config.refine_iters):
-                    own = mask_box(masks[0])
-                    if own is None:
-                        break
-                    tighter = expand_box(own, (I, J), config.margin_frac, config.margin_min)
-                    if _box_iou(tighter, box) > 0.95:
-                        break
-                    box = tighter
-                    masks, scores = encoder.predict(k, np.array([box]), direction, (lo, hi))
-                mask = masks[0]
-                if config.max_step_mm is not None and prev.mask.any():
-                    mask = mask & _dilate_mm(prev.mask, config.max_step_mm, config.voxel_mm[:2])
-                mask = _largest_2d_component(mask)
+                mask = _largest_2d_component(masks[0])
                 score = float(scores[0])
                 area = int(mask.sum())
                 stop = _stop_reason(mask, area, score, prev, peak, config, bounded=obj.z_range is not None,
@@ -277,32 +261,6 @@ def _orthogonal_pass(encoder: SliceEncoder, obj: ObjectPrompt, result: ObjectRes
         else:
             result.stop_reasons["up" if direction > 0 else "down"] = "z_range end" if obj.z_range else "sections end"
     result.slices = slices
-
-
-def _box_iou(a, b) -> float:
-    i0, j0 = max(a[0], b[0]), max(a[1], b[1])
-    i1, j1 = min(a[2], b[2]), min(a[3], b[3])
-    inter = max(0, i1 - i0 + 1) * max(0, j1 - j0 + 1)
-    area = lambda x: (x[2] - x[0] + 1) * (x[3] - x[1] + 1)  # noqa: E731
-    return inter / float(area(a) + area(b) - inter)
-
-
-def _clip_box(box, limit):
-    i0, j0, i1, j1 = box
-    a0, b0, a1, b1 = limit
-    out = (max(i0, a0), max(j0, b0), min(i1, a1), min(j1, b1))
-    return out if out[2] > out[0] and out[3] > out[1] else tuple(limit)
-
-
-def _dilate_mm(mask: np.ndarray, radius_mm: float, pixel_mm: tuple[float, float]) -> np.ndarray:
-    """Binary dilation by an ellipse of ``radius_mm`` in physical units (anisotropic pixels)."""
-    from scipy import ndimage
-
-    ri = max(1, int(np.floor(radius_mm / pixel_mm[0])))
-    rj = max(1, int(np.floor(radius_mm / pixel_mm[1])))
-    ii, jj = np.ogrid[-ri : ri + 1, -rj : rj + 1]
-    footprint = (ii * pixel_mm[0]) ** 2 + (jj * pixel_mm[1]) ** 2 <= radius_mm**2
-    return ndimage.binary_dilation(mask, structure=footprint)
 
 
 def _box_mask(box, shape) -> np.ndarray:

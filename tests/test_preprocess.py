@@ -35,3 +35,15 @@ def test_modality_from_header_and_from_intensities():
     assert guess_modality(dicom) == ("MR", "header")
     # an MR-like volume given as CT by the user follows the user
     assert choose_window(mr, modality="CT").name == "soft-tissue"
+
+
+def test_roi_window_fits_the_prompt_box():
+    vol = make_volume()
+    values = np.array([10.0, 20.0, 30.0, 40.0, 50.0] * 20)
+    w = choose_window(vol, "roi", "CT", roi_values=values)
+    span = np.percentile(values, 99) - np.percentile(values, 1)
+    assert w.method == "roi"
+    assert w.lower == pytest.approx(np.percentile(values, 1) - 0.2 * span)
+    assert w.upper == pytest.approx(np.percentile(values, 99) + 0.2 * span)
+    with pytest.raises(PromptError, match="prompt boxes"):
+        choose_window(vol, "roi", "CT")
