@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from medsam3d import PromptError, Volume
+from medsam3d import PromptError
 from medsam3d.prompts import box_from_ras, load_prompts, parse_box_option, parse_prompts
 
 from conftest import make_volume
