@@ -36,15 +36,18 @@ class MissingDependencyError(Medsam3dError, ImportError):
     """An optional dependency needed for this feature is not installed."""
 
 
-def require(module: str, feature: str, extra: str | None = None):
-    """Import ``module`` or raise :class:`MissingDependencyError` naming the feature."""
+def require(module: str, feature: str):
+    """Import ``module`` or raise :class:`MissingDependencyError` naming the feature.
+
+    Every such package is a dependency of medsam3d, so a failure means a broken install.
+    """
     import importlib
 
     try:
         return importlib.import_module(module)
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        hint = f"pip install 'medsam3d[{extra}]'" if extra else f"pip install {module}"
+        package = module.split(".")[0].replace("_", "-")
         raise MissingDependencyError(
-            f"{feature} needs the Python package '{module}', which is not importable ({exc}); "
-            f"install it with: {hint}"
+            f"expected the Python package '{package}' for {feature}, found it not importable ({exc}); "
+            f"reinstall it with: pip install {package}"
         ) from exc

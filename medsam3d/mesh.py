@@ -27,7 +27,7 @@ MESH_SUFFIXES = (".stl", ".obj", ".ply", ".vtp")
 
 def label_mesh(labels: Volume, label: int, *, space: str = "RAS", smooth: int = 15, decimate: float = 0.0):
     """A closed, manifold ``vtkPolyData`` surface of one label in world mm."""
-    vtk = require("vtk", "meshing", None)
+    vtk = require("vtk", "meshing")
     from vtk.util import numpy_support
 
     space = space.upper()

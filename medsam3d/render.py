@@ -37,7 +37,7 @@ def render_meshes(labels: Volume, path: str | Path, *, labels_to_show: Sequence[
                   size: tuple[int, int] = (800, 800), smooth: int = 15) -> Path:
     """Render every label's surface (segment colours), seen from the patient's front, head up."""
     _import_torchvision_first()
-    vtk = require("vtk", "rendering", None)
+    vtk = require("vtk", "rendering")
     from .io.labels import segment_table
     from .mesh import label_mesh
 
@@ -90,7 +90,7 @@ def render_meshes(labels: Volume, path: str | Path, *, labels_to_show: Sequence[
 def axial_overlay(image: Volume, labels: Volume, path: str | Path, *, label: int = 1,
                   measurement: dict[str, Any] | None = None, window: tuple[float, float] | None = None) -> Path:
     """The axial slice where ``label`` is largest, with its contour and RECIST axes (radiological view)."""
-    require("matplotlib", "slice overlays", None)
+    require("matplotlib", "slice overlays")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -79,3 +79,10 @@ def test_device_resolution():
             resolve_device("cuda")
     with pytest.raises(ModelError, match="expected a device"):
         resolve_device("tpu")
+
+
+def test_missing_dependency_names_the_package_to_install():
+    from medsam3d.errors import MissingDependencyError, require
+
+    with pytest.raises(MissingDependencyError, match="expected the Python package 'no-such-pkg'.*pip install no-such-pkg"):
+        require("no_such_pkg", "a feature")

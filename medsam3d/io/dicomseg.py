@@ -31,7 +31,7 @@ def _source_datasets(reference: Volume):
 
 def write_dicom_seg(labels: Volume, path: str | Path, reference: Volume, *, algorithm: str = "medsam3d") -> None:
     """Write ``labels`` (on ``reference``'s grid) as a BINARY DICOM SEG referencing its series."""
-    hd = require("highdicom", "DICOM SEG output", "io")
+    hd = require("highdicom", "DICOM SEG output")
     from pydicom.sr.codedict import codes
 
     from .. import __version__
@@ -84,7 +84,7 @@ def write_dicom_seg(labels: Volume, path: str | Path, reference: Volume, *, algo
 
 def read_dicom_seg(path: str | Path, reference: Volume) -> Volume:
     """Read a DICOM SEG onto ``reference``'s grid (a DICOM series it references)."""
-    hd = require("highdicom", "DICOM SEG input", "io")
+    hd = require("highdicom", "DICOM SEG input")
     try:
         seg = hd.seg.segread(str(path))
     except Exception as exc:

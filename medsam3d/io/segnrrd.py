@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 def write_seg_nrrd(labels: Volume, path: str | Path) -> None:
     """Write a label map as a Slicer segmentation (one layer, one segment per label value)."""
-    slicerio = require("slicerio", ".seg.nrrd output", "io")
+    slicerio = require("slicerio", ".seg.nrrd output")
     voxels = np.asarray(labels.array).astype(label_dtype(labels.array))
     segments = []
     for value, info in segment_table(labels).items():
@@ -37,7 +37,7 @@ def write_seg_nrrd(labels: Volume, path: str | Path) -> None:
 
 def read_seg_nrrd(path: str | Path) -> Volume:
     """Read a ``.seg.nrrd``; overlapping layers are refused (one label per voxel expected)."""
-    slicerio = require("slicerio", ".seg.nrrd input", "io")
+    slicerio = require("slicerio", ".seg.nrrd input")
     try:
         seg = slicerio.read_segmentation(str(path))
     except Exception as exc:

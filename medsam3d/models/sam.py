@@ -33,7 +33,7 @@ class _SamFamily:
         if checkpoint is None:
             raise ModelError(f"expected --checkpoint PATH for model '{name}' (its weights are not bundled), "
                              "found none; download the official .pth once and give its path")
-        require("segment_anything", f"model '{name}'", "sam")
+        require("segment_anything", f"model '{name}'")
         from segment_anything import sam_model_registry
 
         self.name = name
