@@ -56,6 +56,9 @@ def _get_parser() -> argparse.ArgumentParser:
     p.add_argument("--series", dest="series_uid", help="SeriesInstanceUID when the folder holds several series")
     p.add_argument("--allow-tilt", action="store_true")
     p.add_argument("--no-zoom", action="store_true", help="encode whole slices instead of a crop around the prompts")
+    p.add_argument("--stride", type=_positive_int, default=3, metavar="N",
+                   help="encode every N-th slice first and interpolate smooth stretches between them "
+                        "(default 3; 1: segment every slice)")
     p.add_argument("--measure", action="store_true", help="add shape measurements to the report")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_segment)
@@ -126,6 +129,16 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, found {text!r}")
+    return value
+
+
 def _cmd_segment(args: argparse.Namespace) -> int:
     from .io import LABEL_SUFFIXES, load, save
     from .io._atomic import atomic_path, full_suffix
@@ -160,7 +173,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     try:
         result = segment(volume, objects, model_name=args.model, checkpoint=args.checkpoint, device=args.device,
                          window=args.window, modality=args.modality, overlap=args.overlap,
-                         zoom=None if args.no_zoom else 1.0, progress=progress)
+                         zoom=None if args.no_zoom else 1.0, stride=args.stride, progress=progress)
     finally:
         if bar is not None:
             bar.close()
@@ -275,7 +288,10 @@ def _fail(message: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _get_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # bad arguments (exit 2, one line already printed), --help, --version
+        return int(exc.code or 0)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("highdicom", "pydicom"):

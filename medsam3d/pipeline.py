@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .errors import PromptError
 from .fuse import fuse
 from .preprocess import Window, apply_window, choose_window
 from .prompts import BoxPrompt, ObjectPrompt, prompts_from
@@ -97,7 +98,7 @@ def _to_working(objects: Sequence[ObjectPrompt], reo) -> list[ObjectPrompt]:
 def segment(volume: Volume, prompts, *, model=None, model_name: str = "litemedsam", checkpoint=None,
             device: str = "auto", window: str | None = None, modality: str | None = None,
             overlap: str = "score", keep_largest: bool = True, fill_holes: bool = True, zoom: float | None = 1.0,
-            config: PropagationConfig | None = None, progress: Callable[[int, int, str], None] | None = None
+            stride: int | None = None, config: PropagationConfig | None = None, progress: Callable[[int, int, str], None] | None = None
             ) -> SegmentationResult:
     """Segment every prompted object of ``volume`` in 3D.
 
@@ -117,6 +118,10 @@ def segment(volume: Volume, prompts, *, model=None, model_name: str = "litemedsa
     zoom : float or None
         Encode a crop around the prompts, each side extended by ``zoom`` x the box size
         (None: whole slices). Small objects in large slices gain resolution.
+    stride : int, optional
+        Encode every ``stride``-th slice first; the slices between are interpolated where
+        their neighbours' masks agree and segmented where they do not (default: the
+        config's, 3; 1 segments every slice). Overrides ``config.stride``.
     progress : callable(done, total, message), optional
         Called after each encoded batch of slices.
     """
@@ -133,6 +138,10 @@ def segment(volume: Volume, prompts, *, model=None, model_name: str = "litemedsa
     crop = _zoom_crop(work_objects, images.shape[:2], zoom) if zoom is not None else None
     config = config or PropagationConfig(batch_size=8 if getattr(model, "device", "cpu") != "cpu" else 1)
     config.voxel_mm = tuple(float(v) for v in working.spacing)
+    if stride is not None:
+        if int(stride) < 1:
+            raise PromptError(f"expected a stride >= 1, found {stride}; use 1 to segment every slice")
+        config.stride = int(stride)
     hint = sum((o.z_range[1] - o.z_range[0] + 1) if o.z_range else images.shape[2] for o in work_objects)
     encoder = SliceEncoder(model, images, crop=crop, batch_size=config.batch_size, progress=progress,
                            total_hint=min(hint, images.shape[2]))
@@ -155,6 +164,7 @@ def segment(volume: Volume, prompts, *, model=None, model_name: str = "litemedsa
             "slices": [int(ks[0]), int(ks[-1])] if ks.size else None,
             "prompts": obj.as_dict()["boxes"], "z_range": list(obj.z_range) if obj.z_range else None,
             "mean_score": round(float(np.mean([s.score for s in res.slices.values()])), 4),
+            "interpolated_slices": sorted(int(k) for k, s in res.slices.items() if s.interpolated),
             "stopped": res.stop_reasons, "voxels_lost_to_overlap": lost.get(obj.label, 0),
         })
     model_info = {"name": model.name, "device": model.device, "weights_sha256": model.weights_sha256,

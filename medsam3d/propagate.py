@@ -4,6 +4,10 @@ By default (``PropagationConfig.orthogonal``) every slice's box comes from ortho
 sections through the object (:mod:`medsam3d.views`): the box chain below then only
 gives the first guess of the object's extent when no ``z_range`` is given.
 
+With ``PropagationConfig.stride`` > 1 (the default is 3) only every stride-th slice and the
+ends are encoded at first; the slices between are interpolated where their segmented
+neighbours agree and segmented where they do not (:func:`_fill_gaps`).
+
 The box chain: from each object's prompted slice (the one with the largest box first) the engine walks
 outwards in both directions. The next slice's box is the previous mask's bounding box
 plus a margin; a prompted slice on the way uses its own box. An object ends on evidence:
@@ -57,6 +61,12 @@ class PropagationConfig:
     section_reach: float = 0.6
     #: with a z_range, the sections' box is the key box widened by this fraction each side
     section_margin_3d: float = 0.15
+    #: encode every stride-th slice first; the slices between are interpolated where their
+    #: neighbours' masks overlap by at least ``interp_iou``, else segmented too
+    stride: int = 3
+    interp_iou: float = 0.6
+    #: where the sagittal and coronal sections cut the key box (fractions of its width)
+    section_positions: tuple[float, ...] = (0.5, 0.3, 0.7)
     #: voxel size (mm) along i, j, k, set by the pipeline from the volume
     voxel_mm: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
@@ -66,6 +76,7 @@ class SliceResult:
     mask: np.ndarray  # (I, J) bool in the working layout
     score: float
     box: tuple[int, int, int, int]
+    interpolated: bool = False
 
 
 @dataclass
@@ -212,7 +223,10 @@ def _orthogonal_pass(encoder: SliceEncoder, obj: ObjectPrompt, result: ObjectRes
 
     With a ``z_range`` the sections span it; otherwise they start from the chain's extent
     and grow while the object goes on (see :func:`medsam3d.views.orthogonal_boxes`), and the
-    object ends where the sections end.
+    object ends where the sections end or a slice's mask is empty.
+
+    With ``config.stride`` > 1 only every stride-th slice (and the ends) is encoded at
+    first; see :func:`_fill_gaps` for the slices in between.
     """
     from .views import orthogonal_boxes
 
@@ -221,7 +235,7 @@ def _orthogonal_pass(encoder: SliceEncoder, obj: ObjectPrompt, result: ObjectRes
         z, adaptive = obj.z_range, False
     else:
         # first guess: the chain's extent, and at least the key box's largest in-plane size
-        # each way (tumours are rarely more than twice as long as they are wide)
+        # x section_reach each way; the sections then grow while the object goes on
         b = start.box
         reach = int(np.ceil(max((b[2] - b[0] + 1) * config.voxel_mm[0], (b[3] - b[1] + 1) * config.voxel_mm[1])
                             / config.voxel_mm[2] * config.section_reach))
@@ -230,37 +244,127 @@ def _orthogonal_pass(encoder: SliceEncoder, obj: ObjectPrompt, result: ObjectRes
         adaptive = True
     # a given z_range comes with a box on one slice that need not be the largest: wider sections
     boxes, sections = orthogonal_boxes(encoder.model, encoder.images, config.voxel_mm, start.box, z,
-                                       adaptive=adaptive, margin=config.section_margin_3d if obj.z_range else 0.05)
+                                       adaptive=adaptive, margin=config.section_margin_3d if obj.z_range else 0.05,
+                                       positions=tuple(config.section_positions))
     encoder.sections_encoded += sections
     lo, hi = (obj.z_range if obj.z_range else (min(boxes, default=start.slice), max(boxes, default=start.slice)))
     slices = {k: result.slices[k] for k in keys}
+    empty: set[int] = set()
+    stride = max(1, int(config.stride))
+
+    def slice_box(k: int) -> tuple[int, int, int, int]:
+        # inside a given range, a slice the sections missed reuses the nearest box towards the key slice
+        step = 1 if k < start.slice else -1
+        for t in range(k, start.slice, step):
+            if t in keys:
+                return keys[t].box
+            if t in boxes:
+                return boxes[t]
+        return start.box
+
+    def run(k: int, direction: int) -> bool:
+        box = expand_box(slice_box(k), (I, J), config.margin_frac, config.margin_min)
+        masks, scores = encoder.predict(k, np.array([box]), direction * stride, (lo, hi))
+        mask = _largest_2d_component(masks[0])
+        if mask.sum() < config.min_area_px:
+            empty.add(k)
+            return False
+        slices[k] = SliceResult(mask, float(scores[0]), box)
+        return True
+
     for direction in (+1, -1):
-        k = start.slice + direction
-        last_box = start.box
-        while lo <= k <= hi:
-            if k in keys:
-                last_box = keys[k].box
-                k += direction
-                continue
-            if k not in boxes and not obj.z_range:
-                result.stop_reasons["up" if direction > 0 else "down"] = f"orthogonal sections end at slice {k}"
+        side = "up" if direction > 0 else "down"
+        bound = hi if direction > 0 else lo
+        todo = []  # the slices of this direction, in walking order, up to where the sections end
+        for k in range(start.slice + direction, bound + direction, direction):
+            if k not in boxes and not obj.z_range and k not in keys:
+                result.stop_reasons[side] = f"orthogonal sections end at slice {k}"
                 break
-            box = boxes.get(k, last_box)  # inside a given range, a gap reuses the nearest box
-            box = expand_box(box, (I, J), config.margin_frac, config.margin_min)
-            masks, scores = encoder.predict(k, np.array([box]), direction, (lo, hi))
-            mask = _largest_2d_component(masks[0])
-            if mask.sum() < config.min_area_px:
-                if obj.z_range:
-                    k += direction
-                    continue
-                result.stop_reasons["up" if direction > 0 else "down"] = f"empty mask at slice {k}"
-                break
-            slices[k] = SliceResult(mask, float(scores[0]), box)
-            last_box = boxes.get(k, last_box)
-            k += direction
+            todo.append(k)
         else:
-            result.stop_reasons["up" if direction > 0 else "down"] = "z_range end" if obj.z_range else "sections end"
+            result.stop_reasons[side] = "z_range end" if obj.z_range else "sections end"
+        last_good = start.slice
+        n = 0
+        while n < len(todo):
+            nxt = min(n + stride, len(todo))
+            n = next((m + 1 for m in range(n, nxt) if todo[m] in keys), nxt)  # stop at a prompted slice
+            k = todo[n - 1]
+            if k in keys:
+                last_good = k
+                continue
+            if run(k, direction):
+                last_good = k
+                continue
+            if obj.z_range:
+                continue
+            # without a range an empty mask ends the object: find the end slice by slice
+            for t in range(last_good + direction, k, direction):
+                if not run(t, direction):
+                    k = t
+                    break
+            result.stop_reasons[side] = f"empty mask at slice {k}"
+            break
+    _fill_gaps(slices, empty, encoder.cache, run, slice_box, (I, J), config)
     result.slices = slices
+
+
+def _fill_gaps(slices: dict[int, SliceResult], empty: set[int], encoded, run, slice_box, shape, config) -> None:
+    """Slices skipped by a strided walk: interpolated where their neighbours agree, else segmented.
+
+    Between two segmented slices ``a < b`` with skipped slices in between: when the two
+    masks overlap well (IoU >= ``config.interp_iou``) the object changes smoothly there and
+    the skipped slices get the shape-based (signed distance) interpolation of the two masks,
+    clipped to their own box from the sections; otherwise the middle slice is encoded and
+    segmented and both halves are checked again. Slices already ``encoded`` are always
+    segmented. Interpolated slices are marked (score = the lower of the two neighbours' scores).
+    """
+    stack = [(a, b) for a, b in zip(sorted(slices), sorted(slices)[1:]) if b - a > 1]
+    while stack:
+        a, b = stack.pop()
+        between = [t for t in range(a + 1, b) if t not in empty and t not in slices]
+        if not between:
+            continue
+        cached = [t for t in between if t in encoded]
+        if cached:  # encoded already (by the box chain): decoding is cheap, segment them
+            done = [a, *(t for t in cached if run(t, 0)), b]
+            stack += [(x, y) for x, y in zip(done, done[1:]) if y - x > 1]
+            continue
+        ma, mb = slices[a].mask, slices[b].mask
+        iou = (ma & mb).sum() / max((ma | mb).sum(), 1)
+        if iou >= config.interp_iou:
+            for t in between:
+                w = (t - a) / (b - a)
+                box = expand_box(slice_box(t), shape, config.margin_frac, config.margin_min)
+                mask = _interpolate_masks(ma, mb, w) & _box_mask(box, shape)
+                slices[t] = SliceResult(mask, min(slices[a].score, slices[b].score), box, interpolated=True)
+            continue
+        m = (a + b) // 2
+        if m in empty or m in slices or not run(m, 0):
+            # an empty middle inside the object's range: segment every skipped slice
+            for t in between:
+                if t != m:
+                    run(t, 0)
+            continue
+        stack += [(a, m), (m, b)]
+
+
+def _interpolate_masks(ma: np.ndarray, mb: np.ndarray, w: float) -> np.ndarray:
+    """Shape-based interpolation: the zero level of (1 - w) x sdf(ma) + w x sdf(mb)."""
+    from scipy import ndimage
+
+    box = mask_box(ma | mb)
+    i0, j0, i1, j1 = box
+    pad = 2
+    i0, j0 = max(0, i0 - pad), max(0, j0 - pad)
+    i1, j1 = min(ma.shape[0] - 1, i1 + pad), min(ma.shape[1] - 1, j1 + pad)
+
+    def sdf(m):
+        m = m[i0 : i1 + 1, j0 : j1 + 1]
+        return ndimage.distance_transform_edt(~m) - ndimage.distance_transform_edt(m)
+
+    out = np.zeros_like(ma)
+    out[i0 : i1 + 1, j0 : j1 + 1] = ((1 - w) * sdf(ma) + w * sdf(mb)) < 0
+    return out
 
 
 def _box_mask(box, shape) -> np.ndarray:

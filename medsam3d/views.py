@@ -65,8 +65,8 @@ class Section:
 
 
 def orthogonal_boxes(model, images: np.ndarray, spacing: tuple[float, float, float], key_box, z_range,
-                     *, adaptive: bool = False, margin: float = 0.05, max_rounds: int = 4
-                     ) -> tuple[dict[int, tuple[int, int, int, int]], int]:
+                     *, adaptive: bool = False, margin: float = 0.05, max_rounds: int = 4,
+                     positions: tuple[float, ...] = SECTION_POSITIONS) -> tuple[dict[int, tuple[int, int, int, int]], int]:
     """Box per slice from sagittal and coronal sections (see module doc).
 
     With ``adaptive`` the slice range is a first guess: while a section's mask touches an
@@ -88,9 +88,9 @@ def orthogonal_boxes(model, images: np.ndarray, spacing: tuple[float, float, flo
     j_crop = (max(0, j0 - wj), min(J - 1, j1 + wj))
     i_crop = (max(0, i0 - wi), min(I - 1, i1 + wi))
     sagittal = [Section(model, images[int(round(i0 + f * (i1 - i0))), :, :], sk / sj, j_crop, ks)
-                for f in SECTION_POSITIONS]
+                for f in positions]
     coronal = [Section(model, images[:, int(round(j0 + f * (j1 - j0))), :], sk / si, i_crop, ks)
-               for f in SECTION_POSITIONS]
+               for f in positions]
     for _ in range(max_rounds if adaptive else 1):
         j_extent = np.zeros((J, K), bool)
         i_extent = np.zeros((I, K), bool)

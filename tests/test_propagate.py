@@ -47,9 +47,51 @@ def test_result_is_on_the_input_grid_for_flipped_and_permuted_axes():
                                                               [0, 0, 0, 1]])):
         vol = _volume(obj, affine)
         result = segment(vol, {"version": 1, "objects": [{"slice": 15, "box": _box(obj[:, :, 15])}]},
-                         model=ThresholdModel(), window="percentile", zoom=None)
+                         model=ThresholdModel(), window="percentile", zoom=None, config=PropagationConfig(stride=1))
         assert result.labels.same_grid(vol)
         assert np.array_equal(result.labels.array == 1, obj)
+
+
+@pytest.mark.parametrize("z_range", [None, [6, 33]])
+def test_strided_walk_interpolates_smooth_parts_and_segments_the_rest(z_range):
+    # a smooth ellipsoid: most skipped slices are interpolated, the result stays close to exact
+    obj = visible(ellipsoid((60, 60, 40), (30, 30, 20), (14, 11, 13)))
+    vol = _volume(obj)
+    doc = {"version": 1, "objects": [{"slice": 20, "box": _box(obj[:, :, 20])}]}
+    if z_range:
+        doc["objects"][0]["z_range"] = z_range
+    exact = segment(vol, doc, model=ThresholdModel(), window="percentile", zoom=None,
+                    config=PropagationConfig(stride=1))
+    fast = segment(vol, doc, model=ThresholdModel(), window="percentile", zoom=None,
+                   config=PropagationConfig(stride=3))
+    a, b = exact.labels.array == 1, fast.labels.array == 1
+    assert np.array_equal(a, obj)
+    assert 2 * (a & b).sum() / (a.sum() + b.sum()) >= 0.98
+    assert fast.objects[0]["slices"] == exact.objects[0]["slices"]  # the ends are segmented, not guessed
+    interpolated = fast.objects[0]["interpolated_slices"]
+    assert exact.objects[0]["interpolated_slices"] == []
+    if z_range:
+        assert len(interpolated) >= 8 and fast.encoded_slices <= exact.encoded_slices - len(interpolated)
+    else:  # the box chain has encoded every slice already: they are all segmented
+        assert interpolated == [] and np.array_equal(a, b)
+
+
+def test_strided_walk_segments_where_neighbours_disagree():
+    # the object jumps sideways halfway: the slices across the jump must be segmented, not blended
+    obj = np.zeros((60, 60, 30), bool)
+    obj[10:30, 10:30, 5:15] = True
+    obj[18:38, 18:38, 15:25] = True  # IoU across the jump 0.22
+    vol = _volume(obj)
+    doc = {"version": 1, "objects": [{"slice": 14, "box": [10, 10, 29, 29], "z_range": [5, 24]}]}
+    result = segment(vol, doc, model=ThresholdModel(), window="percentile", zoom=None,
+                     config=PropagationConfig(stride=3))
+    every = segment(vol, doc, model=ThresholdModel(), window="percentile", zoom=None,
+                    config=PropagationConfig(stride=1))
+    got, ref = result.labels.array == 1, every.labels.array == 1
+    interpolated = set(result.objects[0]["interpolated_slices"])
+    assert not interpolated & {14, 15} and len(interpolated) >= 6
+    for k in set(range(5, 25)) - interpolated:  # segmented slices: as if every slice had been encoded
+        assert np.array_equal(got[:, :, k], ref[:, :, k]), k
 
 
 def test_z_range_bounds_the_object():

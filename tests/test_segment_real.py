@@ -32,7 +32,7 @@ def test_example_case_few_slices_against_the_expert(litemedsam):
     assert pred[:, :, :21].sum() == 0 and pred[:, :, 26:].sum() == 0
     d = dice(pred[:, :, 21:26], ref[:, :, 21:26])
     assert d >= 0.85, d  # measured 0.874 with the default orthogonal guidance
-    assert result.encoded_slices == 5
+    assert result.encoded_slices + len(result.objects[0]["interpolated_slices"]) == 5
     obj = result.objects[0]
     assert obj["slices"] == [21, 25] and obj["volume_ml"] == pytest.approx(pred.sum() * image.voxel_volume_mm3 / 1000)
     assert result.window.name == "soft-tissue" and result.model["weights_sha256"].startswith("79d8c9dc")
@@ -81,6 +81,7 @@ def test_cli_segment_writes_output_and_report(tmp_path, capsys):
     (["--box", "57,57,100"], "i0,j0,i1,j1@k"),
     (["--box", "57,57,100,109@23", "--window", "nonsense"], "LEVEL,WIDTH"),
     (["--box", "57,57,100,109@23", "--model", "medsam"], "--checkpoint PATH"),
+    (["--box", "57,57,100,109@23", "--stride", "0"], "whole number >= 1"),
 ])
 def test_cli_bad_prompts_exit_2_with_one_line(tmp_path, capsys, args, message):
     out = tmp_path / "labels.nii.gz"
