@@ -38,6 +38,23 @@ def test_example_case_few_slices_against_the_expert(litemedsam):
     assert result.window.name == "soft-tissue" and result.model["weights_sha256"].startswith("79d8c9dc")
 
 
+def test_strided_encoding_keeps_the_accuracy_of_every_slice(litemedsam):
+    # 13 slices through the example tumour: stride 3 encodes fewer slices, interpolates the
+    # smooth stretches, and lands within 0.02 Dice of segmenting every slice (measured
+    # 0.828 vs 0.834 with 9 vs 13 slices encoded)
+    image = m3.load(CASE / "CT_image.nii.gz")
+    ref = m3.load_labels(CASE / "CT_mask.nii.gz", image).array[:, :, 17:30] == 1
+    prompts = {"version": 1, "objects": [{"name": "sarcoma", "slice": 23, "box": [57, 57, 100, 109],
+                                          "z_range": [17, 29]}]}
+    every = m3.segment(image, prompts, model=litemedsam, stride=1)
+    fast = m3.segment(image, prompts, model=litemedsam, stride=3)
+    d_every = dice(every.labels.array[:, :, 17:30] == 1, ref)
+    d_fast = dice(fast.labels.array[:, :, 17:30] == 1, ref)
+    assert d_every >= 0.8 and d_fast >= d_every - 0.02, (d_every, d_fast)
+    assert fast.encoded_slices < every.encoded_slices == 13
+    assert fast.objects[0]["interpolated_slices"] and fast.objects[0]["slices"] == [17, 29]
+
+
 def test_dicom_series_to_dicom_seg(tmp_path, litemedsam):
     series = shared("ibsi_sts_041/dicom/MR_T1/image")
     image = m3.load(series)
