@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .errors import PromptError
+from .errors import Medsam3dError
 from .fuse import fuse
 from .preprocess import Window, apply_window, choose_window
 from .prompts import BoxPrompt, ObjectPrompt, prompts_from
@@ -98,8 +98,8 @@ def _to_working(objects: Sequence[ObjectPrompt], reo) -> list[ObjectPrompt]:
 def segment(volume: Volume, prompts, *, model=None, model_name: str = "litemedsam", checkpoint=None,
             device: str = "auto", window: str | None = None, modality: str | None = None,
             overlap: str = "score", keep_largest: bool = True, fill_holes: bool = True, zoom: float | None = 1.0,
-            stride: int | None = None, config: PropagationConfig | None = None, progress: Callable[[int, int, str], None] | None = None
-            ) -> SegmentationResult:
+            stride: int | None = None, config: PropagationConfig | None = None,
+            progress: Callable[[int, int, str], None] | None = None) -> SegmentationResult:
     """Segment every prompted object of ``volume`` in 3D.
 
     Parameters
@@ -140,7 +140,7 @@ def segment(volume: Volume, prompts, *, model=None, model_name: str = "litemedsa
     config.voxel_mm = tuple(float(v) for v in working.spacing)
     if stride is not None:
         if int(stride) < 1:
-            raise PromptError(f"expected a stride >= 1, found {stride}; use 1 to segment every slice")
+            raise Medsam3dError(f"expected a stride >= 1, found {stride}; use 1 to segment every slice")
         config.stride = int(stride)
     hint = sum((o.z_range[1] - o.z_range[0] + 1) if o.z_range else images.shape[2] for o in work_objects)
     encoder = SliceEncoder(model, images, crop=crop, batch_size=config.batch_size, progress=progress,
