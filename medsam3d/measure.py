@@ -209,9 +209,8 @@ def measure(labels: Volume, image: Volume | None = None, *, components: bool = T
     return rows
 
 
-
-def _source_slice(k_axial: int, axial_affine: np.ndarray, affine: np.ndarray) -> int | None:
-    """The input's own slice index of an axial slice, when the input is itself axial."""
+def _source_slice(k_axial: int, axial_affine: np.ndarray, affine: np.ndarray) -> int:
+    """The input's own k index of the centre of axial slice ``k_axial`` (its slice when the input is axial)."""
     centre = axial_affine[:3, :3] @ [0, 0, k_axial] + axial_affine[:3, 3]
     k = (np.linalg.inv(affine) @ np.append(centre, 1.0))[2]
     return int(round(k))

@@ -148,7 +148,8 @@ def parse_prompts(data: dict[str, Any] | list[Any], volume: Volume) -> list[Obje
                                   f"found {[i0, j0, i1, j1]}")
             if i0 < 0 or j0 < 0 or i1 > I - 1 or j1 > J - 1:
                 raise PromptError(f"expected the box of {where} inside the slice (i 0..{I - 1}, j 0..{J - 1}), "
-                                  f"found {[i0, j0, i1, j1]}")
+                                  f"found {[i0, j0, i1, j1]}; give voxel indices of this image "
+                                  "(or box_ras in millimetres)")
             if i1 - i0 < 1 or j1 - j0 < 1:
                 raise PromptError(f"expected a box at least 2 voxels wide and high in {where}, found {[i0, j0, i1, j1]}")
             obj.boxes.append(BoxPrompt(k, (i0, j0, i1, j1)))

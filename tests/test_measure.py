@@ -12,6 +12,7 @@ from conftest import EXAMPLES, shared
 
 EXAMPLE = EXAMPLES / "sts041_ct"
 
+
 def _rotation(deg):
     t = np.radians(deg)
     rz = np.array([[np.cos(t), -np.sin(t), 0], [np.sin(t), np.cos(t), 0], [0, 0, 1]])

@@ -31,7 +31,7 @@ def test_example_case_few_slices_against_the_expert(litemedsam):
     pred = result.labels.array == 1
     assert pred[:, :, :21].sum() == 0 and pred[:, :, 26:].sum() == 0
     d = dice(pred[:, :, 21:26], ref[:, :, 21:26])
-    assert d >= 0.85, d  # measured 0.874 with the default orthogonal guidance
+    assert d >= 0.85, d  # measured 0.862 with the defaults (orthogonal guidance, stride 3)
     assert result.encoded_slices + len(result.objects[0]["interpolated_slices"]) == 5
     obj = result.objects[0]
     assert obj["slices"] == [21, 25] and obj["volume_ml"] == pytest.approx(pred.sum() * image.voxel_volume_mm3 / 1000)
