@@ -1,8 +1,9 @@
 """Benchmark: medsam3d vs the naive LiteMedSAM loop on the labelled shared cases.
 
 Prints, per case and method, Dice, 95th-percentile Hausdorff distance (MONAI), volume
-error, wall seconds of the segmentation (model load excluded for every method) and the
-peak resident memory of the process that ran it (each run is its own subprocess).
+error, wall seconds of the segmentation (model load and one warm-up slice excluded for
+every method), the peak resident memory of the process that ran it (each run is its own
+subprocess) and, with ``--device cuda``, the peak GPU memory allocated by torch.
 
 Methods
   naive-3d : the reference LiteMedSAM 3D-box algorithm: from the middle slice of the
@@ -14,7 +15,8 @@ Methods
   ours-2d  : medsam3d with one tight 2D box on the slice where the tumour is largest,
              no z range (the realistic prompt).
 
-Usage: python benchmarks/bench_segment.py [--data ../shared/data] [--cases NAME ...] [--json out.json]
+Usage: python benchmarks/bench_segment.py [--data ../shared/data] [--cases NAME ...] [--methods M ...]
+                                          [--device cpu|cuda] [--json out.json]
 """
 
 from __future__ import annotations
@@ -93,7 +95,21 @@ def naive_loop(model, images: np.ndarray, prompt: dict) -> np.ndarray:
     return largest_component(out)
 
 
-def run_one(data: Path, case: str, method: str) -> dict:
+def _warm_up(model) -> None:
+    """One encode + decode on a blank slice, so that a GPU's one-off start-up (CUDA context,
+    kernel selection) is not charged to the first case; model loading is excluded likewise."""
+    features = model.encode([np.zeros((64, 64), np.float32)])[0]
+    model.decode(features, np.array([[8, 8, 40, 40]]))
+
+
+def _sync(model) -> None:
+    if str(getattr(model, "device", "cpu")).startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def run_one(data: Path, case: str, method: str, device: str = "cpu") -> dict:
     import medsam3d as m3
     from medsam3d.models import load_model
     from medsam3d.pipeline import segment
@@ -104,21 +120,25 @@ def run_one(data: Path, case: str, method: str) -> dict:
     ref = m3.load_labels(data / mask_path, image).array == 1
     prompt = prompts_for(ref)["2d" if method.endswith("2d") else "3d"]
     if method == "naive-3d":
-        model = load_model("litemedsam", device="cpu", runtime="torch")
+        model = load_model("litemedsam", device=device, runtime="torch")
+        _warm_up(model)
         t0 = time.perf_counter()
         window = choose_window(image)
         pred = naive_loop(model, apply_window(image.array, window), prompt)
+        _sync(model)
         seconds = time.perf_counter() - t0
         encoded = prompt["objects"][0]["z_range"][1] - prompt["objects"][0]["z_range"][0] + 1
     else:
-        model = load_model("litemedsam", device="cpu")
+        model = load_model("litemedsam", device=device)
+        _warm_up(model)
         t0 = time.perf_counter()
         result = segment(image, prompt, model=model)
+        _sync(model)
         seconds = time.perf_counter() - t0
         pred = result.labels.array == 1
         encoded = result.encoded_slices
-    from monai.metrics import compute_dice, compute_hausdorff_distance
     import torch
+    from monai.metrics import compute_dice, compute_hausdorff_distance
 
     p = torch.from_numpy(pred[None, None].astype(np.float32))
     r = torch.from_numpy(ref[None, None].astype(np.float32))
@@ -130,7 +150,8 @@ def run_one(data: Path, case: str, method: str) -> dict:
     return {"case": case, "method": method, "dice": round(dice, 4), "hd95_mm": round(hd95, 2),
             "volume_ml": round(vol_pred, 2), "ref_ml": round(vol_ref, 2),
             "volume_error": round((vol_pred - vol_ref) / vol_ref, 4), "seconds": round(seconds, 2),
-            "encoded_slices": int(encoded), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+            "encoded_slices": int(encoded), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.startswith("cuda") else None}
 
 
 def main(argv=None) -> int:
@@ -139,10 +160,11 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", nargs="*", default=list(CASES))
     parser.add_argument("--methods", nargs="*", default=list(METHODS))
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: where every method runs")
     parser.add_argument("--one", nargs=2, metavar=("CASE", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
-        print(json.dumps(run_one(args.data, *args.one)))
+        print(json.dumps(run_one(args.data, *args.one, device=args.device)))
         return 0
     if not args.data.is_dir():
         print(f"shared data not found at {args.data}; pass --data", file=sys.stderr)
@@ -152,8 +174,9 @@ def main(argv=None) -> int:
     print(header, flush=True)
     for case in args.cases:
         for method in args.methods:
-            out = subprocess.run([sys.executable, __file__, "--data", str(args.data), "--one", case, method],
-                                 capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            out = subprocess.run([sys.executable, __file__, "--data", str(args.data), "--device", args.device,
+                                  "--one", case, method],
+                                 check=False, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
             if out.returncode != 0:
                 print(f"{case:<11} {method:<9} FAILED: {out.stderr.strip().splitlines()[-1:]}", flush=True)
                 continue
@@ -161,7 +184,8 @@ def main(argv=None) -> int:
             rows.append(row)
             print(f"{case:<11} {method:<9} {row['dice']:6.3f} {row['hd95_mm']:7.1f} {row['volume_ml']:8.2f} "
                   f"{row['ref_ml']:8.2f} {row['volume_error']:+8.1%} {row['seconds']:7.1f} {row['encoded_slices']:4d} "
-                  f"{row['peak_rss_mb']:7.0f}", flush=True)
+                  f"{row['peak_rss_mb']:7.0f}" + (f" gpu {row['peak_gpu_mb']:.0f} MB" if row.get("peak_gpu_mb") else ""),
+                  flush=True)
     for method in args.methods:
         sel = [r for r in rows if r["method"] == method]
         if sel:
