@@ -8,6 +8,11 @@ With ``PropagationConfig.stride`` > 1 (the default is 3) only every stride-th sl
 ends are encoded at first; the slices between are interpolated where their segmented
 neighbours agree and segmented where they do not (:func:`_fill_gaps`).
 
+With a ``z_range`` (a 3D box prompt), two box chains with different margins then walk the
+slices the sections segmented, and each slice keeps the pixels that most of the three agree
+on (:func:`_chain_vote`, ``PropagationConfig.chain_vote``): chains follow a tumour that
+drifts sideways out of the sections, the sections stop a chain's errors from piling up.
+
 The box chain: from each object's prompted slice (the one with the largest box first) the engine walks
 outwards in both directions. The next slice's box is the previous mask's bounding box
 plus a margin; a prompted slice on the way uses its own box. An object ends on evidence:
@@ -67,6 +72,9 @@ class PropagationConfig:
     interp_iou: float = 0.6
     #: where the sagittal and coronal sections cut the key box (fractions of its width)
     section_positions: tuple[float, ...] = (0.5, 0.3, 0.7)
+    #: with a z_range: box-chain margins whose masks vote with the sections' (see :func:`_chain_vote`);
+    #: () turns the vote off
+    chain_vote: tuple[float, ...] = (0.03, 0.06)
     #: voxel size (mm) along i, j, k, set by the pipeline from the volume
     voxel_mm: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
@@ -212,6 +220,8 @@ def propagate(encoder: SliceEncoder, objects: Sequence[ObjectPrompt], config: Pr
             result.stop_reasons["up" if direction > 0 else "down"] = reason
         if config.orthogonal:
             _orthogonal_pass(encoder, obj, result, start, keys, config)
+            if obj.z_range and config.chain_vote:
+                _chain_vote(encoder, result, start, keys, config)
         log.info("object '%s': slices %d..%d (%s; %s)", obj.name, min(result.slices), max(result.slices),
                  result.stop_reasons["down"], result.stop_reasons["up"])
         results.append(result)
@@ -306,6 +316,51 @@ def _orthogonal_pass(encoder: SliceEncoder, obj: ObjectPrompt, result: ObjectRes
             break
     _fill_gaps(slices, empty, encoder.cache, run, slice_box, (I, J), config)
     result.slices = slices
+
+
+def _chain_vote(encoder: SliceEncoder, result: ObjectResult, start, keys, config: PropagationConfig) -> None:
+    """Per-slice majority vote of the sections' masks and box chains run over the same slices.
+
+    The sections give each slice a box independently of its neighbours; near the ends of a
+    tumour that drifts sideways those boxes miss, and on low-contrast CT they are loose. A
+    box chain (next box = previous mask's box + margin) follows a drift but compounds its
+    errors: a tight margin shrinks on CT, a loose one grows. For every margin in
+    ``config.chain_vote`` a chain walks outwards from the key slice over the slices the
+    sections segmented (already encoded: decoding only, nothing is encoded), restarting at
+    every prompted slice and ending at an empty mask; the slices between are interpolated
+    as in :func:`_fill_gaps`. Each slice then keeps the pixels that most members agree on.
+    """
+    I, J, _ = encoder.images.shape
+    slices = result.slices
+    walked = sorted(k for k, s in slices.items() if not s.interpolated)
+    members = [{k: s.mask for k, s in slices.items()}]
+    for margin in config.chain_vote:
+        chain = {start.slice: slices[start.slice].mask}
+        at = walked.index(start.slice)
+        for order in (walked[at + 1 :], walked[:at][::-1]):
+            prev = chain[start.slice]
+            for k in order:
+                if k in keys:
+                    prev = chain[k] = slices[k].mask
+                    continue
+                box = expand_box(mask_box(prev), (I, J), margin, config.margin_min)
+                masks, _ = encoder.predict(k, np.array([box]))
+                mask = _largest_2d_component(masks[0])
+                if mask.sum() < config.min_area_px:
+                    break
+                prev = chain[k] = mask
+        done = sorted(chain)
+        for a, b in zip(done, done[1:]):
+            for t in range(a + 1, b):
+                chain[t] = _interpolate_masks(chain[a], chain[b], (t - a) / (b - a))
+        members.append(chain)
+    need = len(members) // 2 + 1
+    for k, sl in slices.items():
+        if k in keys:
+            continue
+        votes = sum(m[k].astype(np.uint8) for m in members if k in m)
+        sl.mask = votes >= need
+    log.info("chain vote over %d slices (%d members)", len(slices), len(members))
 
 
 def _fill_gaps(slices: dict[int, SliceResult], empty: set[int], encoded, run, slice_box, shape, config) -> None:

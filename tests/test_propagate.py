@@ -83,15 +83,39 @@ def test_strided_walk_segments_where_neighbours_disagree():
     obj[18:38, 18:38, 15:25] = True  # IoU across the jump 0.22
     vol = _volume(obj)
     doc = {"version": 1, "objects": [{"slice": 14, "box": [10, 10, 29, 29], "z_range": [5, 24]}]}
+    # the strided walk alone: the chain vote would keep only the overlap past the jump (a
+    # box chain cannot follow a jump; see test_chain_vote_follows_a_drift for its purpose)
     result = segment(vol, doc, model=ThresholdModel(), window="percentile", zoom=None,
-                     config=PropagationConfig(stride=3))
+                     config=PropagationConfig(stride=3, chain_vote=()))
     every = segment(vol, doc, model=ThresholdModel(), window="percentile", zoom=None,
-                    config=PropagationConfig(stride=1))
+                    config=PropagationConfig(stride=1, chain_vote=()))
     got, ref = result.labels.array == 1, every.labels.array == 1
     interpolated = set(result.objects[0]["interpolated_slices"])
     assert not interpolated & {14, 15} and len(interpolated) >= 6
     for k in set(range(5, 25)) - interpolated:  # segmented slices: as if every slice had been encoded
         assert np.array_equal(got[:, :, k], ref[:, :, k]), k
+
+
+def test_chain_vote_follows_a_drift():
+    # a slanted cylinder drifting 1 px per slice along i: far from the key slice it leaves
+    # the sagittal sections' cut lines, and the sections' fallback box keeps only part of
+    # it; box chains follow the drift, and the vote keeps what they agree on
+    obj = np.zeros((70, 50, 30), bool)
+    ii, jj = np.indices(obj.shape[:2])
+    for k in range(3, 27):
+        obj[:, :, k] = (ii - (35 + (k - 15))) ** 2 + (jj - 25) ** 2 <= 25
+    vol = _volume(obj)
+    doc = {"version": 1, "objects": [{"slice": 15, "box": _box(obj[:, :, 15]), "z_range": [3, 26]}]}
+
+    def run(**kw):
+        result = segment(vol, doc, model=ThresholdModel(), window="percentile", zoom=None,
+                         config=PropagationConfig(stride=1, **kw))
+        return result.labels.array == 1
+
+    sections_only, voted = run(chain_vote=()), run()
+    dice = 2 * (sections_only & obj).sum() / (sections_only.sum() + obj.sum())
+    assert dice < 0.95  # the failure the vote is for
+    assert np.array_equal(voted, obj)
 
 
 def test_z_range_bounds_the_object():
