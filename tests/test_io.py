@@ -129,6 +129,9 @@ def test_label_round_trips_keep_every_voxel(tmp_path, suffix):
     np.testing.assert_allclose(back.affine, image.affine, atol=1e-4)
     if suffix in (".seg.nrrd", ".dcm"):
         assert back.segments[1]["name"] == "tumor" and back.segments[2]["name"] == "node"
+        # DICOM SEG stores CIELab in 16 bits: the sRGB colours come back to within 1/255
+        np.testing.assert_allclose(back.segments[1]["color"], (1, 0, 0), atol=0.005)
+        np.testing.assert_allclose(back.segments[2]["color"], (0, 1, 0), atol=0.005)
     assert os.listdir(tmp_path) == [out.name]  # nothing else left behind
 
 

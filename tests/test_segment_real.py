@@ -31,7 +31,7 @@ def test_example_case_few_slices_against_the_expert(litemedsam):
     pred = result.labels.array == 1
     assert pred[:, :, :21].sum() == 0 and pred[:, :, 26:].sum() == 0
     d = dice(pred[:, :, 21:26], ref[:, :, 21:26])
-    assert d >= 0.85, d  # measured 0.862 with the defaults (orthogonal guidance, stride 3)
+    assert d >= 0.9, d  # measured 0.937 with the defaults (sections, stride 3, chain vote); 0.862 without the vote
     assert result.encoded_slices + len(result.objects[0]["interpolated_slices"]) == 5
     obj = result.objects[0]
     assert obj["slices"] == [21, 25] and obj["volume_ml"] == pytest.approx(pred.sum() * image.voxel_volume_mm3 / 1000)
@@ -41,7 +41,7 @@ def test_example_case_few_slices_against_the_expert(litemedsam):
 def test_strided_encoding_keeps_the_accuracy_of_every_slice(litemedsam):
     # 13 slices through the example tumour: stride 3 encodes fewer slices, interpolates the
     # smooth stretches, and lands within 0.02 Dice of segmenting every slice (measured
-    # 0.828 vs 0.834 with 9 vs 13 slices encoded)
+    # 0.886 vs 0.902 with 9 vs 13 slices encoded, chain vote on)
     image = m3.load(CASE / "CT_image.nii.gz")
     ref = m3.load_labels(CASE / "CT_mask.nii.gz", image).array[:, :, 17:30] == 1
     prompts = {"version": 1, "objects": [{"name": "sarcoma", "slice": 23, "box": [57, 57, 100, 109],
@@ -50,7 +50,7 @@ def test_strided_encoding_keeps_the_accuracy_of_every_slice(litemedsam):
     fast = m3.segment(image, prompts, model=litemedsam, stride=3)
     d_every = dice(every.labels.array[:, :, 17:30] == 1, ref)
     d_fast = dice(fast.labels.array[:, :, 17:30] == 1, ref)
-    assert d_every >= 0.8 and d_fast >= d_every - 0.02, (d_every, d_fast)
+    assert d_every >= 0.85 and d_fast >= d_every - 0.02, (d_every, d_fast)
     assert fast.encoded_slices < every.encoded_slices == 13
     assert fast.objects[0]["interpolated_slices"] and fast.objects[0]["slices"] == [17, 29]
 

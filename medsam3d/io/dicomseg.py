@@ -49,7 +49,7 @@ def write_dicom_seg(labels: Volume, path: str | Path, reference: Volume, *, algo
     )
     for number, (value, info) in enumerate(table.items(), start=1):
         remap[value] = number
-        lab = hd.color.CIELabColor(*_rgb_to_lab(info["color"]))
+        lab = hd.color.CIELabColor.from_rgb(*(int(round(255 * float(c))) for c in info["color"]))
         descriptions.append(hd.seg.SegmentDescription(
             segment_number=number,
             segment_label=str(info["name"])[:64],
@@ -106,7 +106,7 @@ def read_dicom_seg(path: str | Path, reference: Volume) -> Volume:
         if str(tracking).startswith("label "):
             value = int(str(tracking).split()[1])
         values[number] = value
-        segments[value] = {"name": desc.segment_label, "color": (0.5, 0.5, 0.5)}
+        segments[value] = {"name": desc.segment_label, "color": _display_rgb(hd, desc)}
     array = values[np.asarray(frames, dtype=np.int64)].transpose(2, 1, 0)
     from .labels import label_dtype
 
@@ -114,12 +114,10 @@ def read_dicom_seg(path: str | Path, reference: Volume) -> Volume:
                   {"source": str(path), "format": "dicom-seg", "segments": segments})
 
 
-def _rgb_to_lab(rgb) -> tuple[float, float, float]:
-    """sRGB (0..1) -> CIELab (D65), as DICOM display colours need."""
-    c = np.asarray(rgb, dtype=np.float64)
-    c = np.where(c > 0.04045, ((c + 0.055) / 1.055) ** 2.4, c / 12.92)
-    m = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]])
-    xyz = m @ c / np.array([0.95047, 1.0, 1.08883])
-    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
-    lab = (116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2]))
-    return (float(np.clip(lab[0], 0, 100)), float(np.clip(lab[1], -128, 127)), float(np.clip(lab[2], -128, 127)))
+def _display_rgb(hd, desc) -> tuple[float, float, float]:
+    """A segment's recommended display colour as sRGB 0..1 (grey when the SEG gives none)."""
+    value = getattr(desc, "RecommendedDisplayCIELabValue", None)
+    if not value:
+        return (0.5, 0.5, 0.5)
+    rgb = hd.color.CIELabColor.from_dicom_value(tuple(int(v) for v in value)).to_rgb()
+    return tuple(round(c / 255.0, 3) for c in rgb)
