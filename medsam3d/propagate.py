@@ -328,7 +328,8 @@ def _chain_vote(encoder: SliceEncoder, result: ObjectResult, start, keys, config
     ``config.chain_vote`` a chain walks outwards from the key slice over the slices the
     sections segmented (already encoded: decoding only, nothing is encoded), restarting at
     every prompted slice and ending at an empty mask; the slices between are interpolated
-    as in :func:`_fill_gaps`. Each slice then keeps the pixels that most members agree on.
+    as in :func:`_fill_gaps`. Each slice then keeps the pixels that most members agree on;
+    a chain that ended before a slice (or had no mask to start from) abstains there.
     """
     I, J, _ = encoder.images.shape
     slices = result.slices
@@ -343,7 +344,10 @@ def _chain_vote(encoder: SliceEncoder, result: ObjectResult, start, keys, config
                 if k in keys:
                     prev = chain[k] = slices[k].mask
                     continue
-                box = expand_box(mask_box(prev), (I, J), margin, config.margin_min)
+                prev_box = mask_box(prev)
+                if prev_box is None:  # an empty prompted slice: nothing to follow
+                    break
+                box = expand_box(prev_box, (I, J), margin, config.margin_min)
                 masks, _ = encoder.predict(k, np.array([box]))
                 mask = _largest_2d_component(masks[0])
                 if mask.sum() < config.min_area_px:
@@ -354,12 +358,11 @@ def _chain_vote(encoder: SliceEncoder, result: ObjectResult, start, keys, config
             for t in range(a + 1, b):
                 chain[t] = _interpolate_masks(chain[a], chain[b], (t - a) / (b - a))
         members.append(chain)
-    need = len(members) // 2 + 1
     for k, sl in slices.items():
         if k in keys:
             continue
-        votes = sum(m[k].astype(np.uint8) for m in members if k in m)
-        sl.mask = votes >= need
+        present = [m[k] for m in members if k in m]  # a chain that ended before k abstains
+        sl.mask = sum(m.astype(np.uint8) for m in present) >= len(present) // 2 + 1
     log.info("chain vote over %d slices (%d members)", len(slices), len(members))
 
 

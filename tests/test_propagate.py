@@ -118,6 +118,21 @@ def test_chain_vote_follows_a_drift():
     assert np.array_equal(voted, obj)
 
 
+def test_a_chain_with_nothing_to_follow_abstains():
+    # the object skips the prompted slice: the sections find it on the others, the chains
+    # have no mask to start from, so they abstain and the sections' masks stand
+    obj = np.zeros((40, 40, 20), bool)
+    obj[12:24, 12:24, 6:15] = True
+    obj[:, :, 10] = False
+    vol = _volume(obj)
+    doc = {"version": 1, "objects": [{"slice": 10, "box": [12, 12, 23, 23], "z_range": [6, 14]}]}
+    sections_only = segment(vol, doc, model=ThresholdModel(), window="percentile", zoom=None,
+                            config=PropagationConfig(chain_vote=()))
+    voted = segment(vol, doc, model=ThresholdModel(), window="percentile", zoom=None)
+    assert (sections_only.labels.array == 1).any()
+    assert np.array_equal(voted.labels.array, sections_only.labels.array)
+
+
 def test_z_range_bounds_the_object():
     obj = ellipsoid((40, 40, 30), (20, 20, 15), (10, 10, 10))
     vol = _volume(obj)
