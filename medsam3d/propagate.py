@@ -75,6 +75,8 @@ class PropagationConfig:
     #: with a z_range: box-chain margins whose masks vote with the sections' (see :func:`_chain_vote`);
     #: () turns the vote off
     chain_vote: tuple[float, ...] = (0.03, 0.06)
+    #: a chain's box is at most the sections' box for that slice x (1 + chain_cap) along i and j
+    chain_cap: float = 0.5
     #: voxel size (mm) along i, j, k, set by the pipeline from the volume
     voxel_mm: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
@@ -330,6 +332,11 @@ def _chain_vote(encoder: SliceEncoder, result: ObjectResult, start, keys, config
     every prompted slice and ending at an empty mask; the slices between are interpolated
     as in :func:`_fill_gaps`. Each slice then keeps the pixels that most members agree on;
     a chain that ended before a slice (or had no mask to start from) abstains there.
+
+    A chain's box is capped at the sections' box for its slice x (1 + ``config.chain_cap``)
+    along i and j: the sections may misplace a tumour's tapering end but see its size, and
+    an uncapped chain keeps the size of the previous slice and grows past the end. Where
+    the sections see only a chord of the object the cap keeps only part of it.
     """
     I, J, _ = encoder.images.shape
     slices = result.slices
@@ -348,6 +355,7 @@ def _chain_vote(encoder: SliceEncoder, result: ObjectResult, start, keys, config
                 if prev_box is None:  # an empty prompted slice: nothing to follow
                     break
                 box = expand_box(prev_box, (I, J), margin, config.margin_min)
+                box = _cap_box(box, slices[k].box, config.chain_cap)
                 masks, _ = encoder.predict(k, np.array([box]))
                 mask = _largest_2d_component(masks[0])
                 if mask.sum() < config.min_area_px:
@@ -364,6 +372,18 @@ def _chain_vote(encoder: SliceEncoder, result: ObjectResult, start, keys, config
         present = [m[k] for m in members if k in m]  # a chain that ended before k abstains
         sl.mask = sum(m.astype(np.uint8) for m in present) >= len(present) // 2 + 1
     log.info("chain vote over %d slices (%d members)", len(slices), len(members))
+
+
+def _cap_box(box, limit, slack: float):
+    """``box`` shrunk about its centre to at most ``limit``'s size x (1 + slack) along each axis."""
+    out = list(box)
+    for a in (0, 1):
+        size = box[a + 2] - box[a] + 1
+        cap = (limit[a + 2] - limit[a] + 1) * (1 + slack)
+        if size > cap:
+            centre = (box[a] + box[a + 2]) / 2
+            out[a], out[a + 2] = int(round(centre - (cap - 1) / 2)), int(round(centre + (cap - 1) / 2))
+    return tuple(out)
 
 
 def _fill_gaps(slices: dict[int, SliceResult], empty: set[int], encoded, run, slice_box, shape, config) -> None:

@@ -112,10 +112,16 @@ def test_chain_vote_follows_a_drift():
                          config=PropagationConfig(stride=1, **kw))
         return result.labels.array == 1
 
-    sections_only, voted = run(chain_vote=()), run()
-    dice = 2 * (sections_only & obj).sum() / (sections_only.sum() + obj.sum())
-    assert dice < 0.95  # the failure the vote is for
-    assert np.array_equal(voted, obj)
+    def dice(a):
+        return 2 * (a & obj).sum() / (a.sum() + obj.sum())
+
+    sections_only, uncapped, voted = run(chain_vote=()), run(chain_cap=np.inf), run()
+    assert dice(sections_only) < 0.75  # the failure the vote is for (measured 0.736)
+    assert np.array_equal(uncapped, obj)  # the chains follow the drift exactly
+    # the default caps a chain's box at 1.5 x the sections' box (it stops chains from growing
+    # past a tumour's tapering ends on real scans); here the sections' boxes far out are chords
+    # of the disc, so the far slices keep part of it: exact where the sections see the object
+    assert np.array_equal(voted[:, :, 9:22], obj[:, :, 9:22]) and dice(voted) > 0.85  # measured 0.891
 
 
 def test_a_chain_with_nothing_to_follow_abstains():
