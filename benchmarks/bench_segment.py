@@ -172,7 +172,8 @@ def run_one(data: Path, case: str, method: str, device: str = "cpu", slice_mm: f
     return {"case": case, "method": method, "dice": round(dice, 4), "hd95_mm": round(hd95, 2),
             "volume_ml": round(vol_pred, 2), "ref_ml": round(vol_ref, 2),
             "volume_error": round((vol_pred - vol_ref) / vol_ref, 4), "seconds": round(seconds, 2),
-            "encoded_slices": int(encoded), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "encoded_slices": int(encoded),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.startswith("cuda") else None}
 
 
@@ -198,9 +199,10 @@ def main(argv=None) -> int:
     print(header, flush=True)
     for case in args.cases:
         for method in args.methods:
+            thinner = ["--slice-mm", str(args.slice_mm)] if args.slice_mm else []
             out = subprocess.run([sys.executable, __file__, "--data", str(args.data), "--device", args.device,
-                                  *(["--slice-mm", str(args.slice_mm)] if args.slice_mm else []), "--one", case, method],
-                                 check=False, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                                  *thinner, "--one", case, method], check=False, capture_output=True, text=True,
+                                 env={**os.environ, "PYTHONWARNINGS": "ignore"})
             if out.returncode != 0:
                 print(f"{case:<11} {method:<9} FAILED: {out.stderr.strip().splitlines()[-1:]}", flush=True)
                 continue
@@ -208,8 +210,8 @@ def main(argv=None) -> int:
             rows.append(row)
             print(f"{case:<11} {method:<9} {row['dice']:6.3f} {row['hd95_mm']:7.1f} {row['volume_ml']:8.2f} "
                   f"{row['ref_ml']:8.2f} {row['volume_error']:+8.1%} {row['seconds']:7.1f} {row['encoded_slices']:4d} "
-                  f"{row['peak_rss_mb']:7.0f}" + (f" gpu {row['peak_gpu_mb']:.0f} MB" if row.get("peak_gpu_mb") else ""),
-                  flush=True)
+                  f"{row['peak_rss_mb']:7.0f}"
+                  + (f" gpu {row['peak_gpu_mb']:.0f} MB" if row.get("peak_gpu_mb") else ""), flush=True)
     for method in args.methods:
         sel = [r for r in rows if r["method"] == method]
         if sel:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -136,7 +136,9 @@ def segment(volume: Volume, prompts, *, model=None, model_name: str = "litemedsa
     images = apply_window(working.array, win)
     work_objects = _to_working(objects, reo)
     crop = _zoom_crop(work_objects, images.shape[:2], zoom) if zoom is not None else None
-    config = config or PropagationConfig(batch_size=8 if getattr(model, "device", "cpu") != "cpu" else 1)
+    # a copy: the caller's config is not changed by the settings below
+    batch = 8 if getattr(model, "device", "cpu") != "cpu" else 1
+    config = replace(config) if config else PropagationConfig(batch_size=batch)
     config.voxel_mm = tuple(float(v) for v in working.spacing)
     if stride is not None:
         if int(stride) < 1:

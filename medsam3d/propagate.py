@@ -431,6 +431,8 @@ def _interpolate_masks(ma: np.ndarray, mb: np.ndarray, w: float) -> np.ndarray:
     from scipy import ndimage
 
     box = mask_box(ma | mb)
+    if box is None:  # two empty masks (empty prompted slices): nothing in between either
+        return np.zeros_like(ma)
     i0, j0, i1, j1 = box
     pad = 2
     i0, j0 = max(0, i0 - pad), max(0, j0 - pad)

@@ -66,7 +66,8 @@ class Section:
 
 def orthogonal_boxes(model, images: np.ndarray, spacing: tuple[float, float, float], key_box, z_range,
                      *, adaptive: bool = False, margin: float = 0.05, max_rounds: int = 4,
-                     positions: tuple[float, ...] = SECTION_POSITIONS) -> tuple[dict[int, tuple[int, int, int, int]], int]:
+                     positions: tuple[float, ...] = SECTION_POSITIONS
+                     ) -> tuple[dict[int, tuple[int, int, int, int]], int]:
     """Box per slice from sagittal and coronal sections (see module doc).
 
     With ``adaptive`` the slice range is a first guess: while a section's mask touches an

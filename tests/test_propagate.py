@@ -139,6 +139,28 @@ def test_a_chain_with_nothing_to_follow_abstains():
     assert np.array_equal(voted.labels.array, sections_only.labels.array)
 
 
+def test_shape_interpolation_between_masks():
+    from medsam3d.propagate import _interpolate_masks
+
+    a = np.zeros((30, 30), bool)
+    a[5:15, 5:15] = True
+    b = np.zeros_like(a)
+    b[9:19, 9:19] = True
+    mid = _interpolate_masks(a, b, 0.5)
+    ii, jj = np.nonzero(mid)
+    # halfway between the squares, inside the halfway square (the blend rounds its corners: 80 px)
+    assert (ii.min(), ii.max(), jj.min(), jj.max()) == (7, 16, 7, 16) and 70 <= mid.sum() <= 100
+    assert not _interpolate_masks(np.zeros_like(a), np.zeros_like(a), 0.5).any()
+
+
+def test_segment_leaves_the_callers_config_alone():
+    obj = ellipsoid((40, 40, 20), (20, 20, 10), (8, 8, 5))
+    config = PropagationConfig()
+    segment(_volume(obj), {"version": 1, "objects": [{"slice": 10, "box": _box(obj[:, :, 10])}]},
+            model=ThresholdModel(), window="percentile", zoom=None, config=config, stride=1)
+    assert config == PropagationConfig()
+
+
 def test_z_range_bounds_the_object():
     obj = ellipsoid((40, 40, 30), (20, 20, 15), (10, 10, 10))
     vol = _volume(obj)
