@@ -2,8 +2,9 @@
 
 Prints, per case and method, Dice, 95th-percentile Hausdorff distance (MONAI), volume
 error, wall seconds of the segmentation (model load and one warm-up slice excluded for
-every method), the peak resident memory of the process that ran it (each run is its own
-subprocess) and, with ``--device cuda``, the peak GPU memory allocated by torch.
+every method), the number of images encoded (``enc``: slices plus orthogonal sections),
+the peak resident memory of the process that ran it (each run is its own subprocess) and,
+with ``--device cuda``, the peak GPU memory allocated by torch.
 
 Methods
   naive-3d : the reference LiteMedSAM 3D-box algorithm: from the middle slice of the
@@ -15,6 +16,9 @@ Methods
              batches of 8 slices with PyTorch on a GPU).
   ours-2d  : medsam3d with one tight 2D box on the slice where the tumour is largest,
              no z range (the realistic prompt).
+  ours-3d-blend : as ours-3d with PropagationConfig(blend_embeddings=True): the slices
+             skipped by the strided walk are decoded on blended neighbour embeddings
+             instead of being encoded (the CLI's --blend-embeddings).
 
 Usage: python benchmarks/bench_segment.py [--data ../shared/data] [--cases NAME ...] [--methods M ...]
                                           [--device cpu|cuda] [--slice-mm MM] [--json out.json]
@@ -43,7 +47,7 @@ CASES = {
     "brain2-mr": ("pyradiomics/brain2_image.nrrd", "pyradiomics/brain2_label.nrrd"),
     "breast1-mr": ("pyradiomics/breast1_image.nrrd", "pyradiomics/breast1_label.nrrd"),
 }
-METHODS = ("naive-3d", "ours-3d", "ours-2d")
+METHODS = ("naive-3d", "ours-3d", "ours-2d", "ours-3d-blend")
 
 
 def bbox2d(mask):
@@ -141,6 +145,9 @@ def run_one(data: Path, case: str, method: str, device: str = "cpu", slice_mm: f
     if slice_mm:
         image, ref = thinner_slices(image, ref, slice_mm)
     prompt = prompts_for(ref)["2d" if method.endswith("2d") else "3d"]
+    from medsam3d.propagate import PropagationConfig
+
+    config = PropagationConfig(blend_embeddings=method.endswith("blend"))
     if method == "naive-3d":
         model = load_model("litemedsam", device=device, runtime="torch")
         _warm_up(model)
@@ -154,11 +161,11 @@ def run_one(data: Path, case: str, method: str, device: str = "cpu", slice_mm: f
         model = load_model("litemedsam", device=device)
         _warm_up(model)
         t0 = time.perf_counter()
-        result = segment(image, prompt, model=model)
+        result = segment(image, prompt, model=model, config=config)
         _sync(model)
         seconds = time.perf_counter() - t0
         pred = result.labels.array == 1
-        encoded = result.encoded_slices
+        encoded = result.encoded_slices + result.settings["encoded_sections"]
     import torch
     from monai.metrics import compute_dice, compute_hausdorff_distance
 
@@ -195,7 +202,7 @@ def main(argv=None) -> int:
         print(f"shared data not found at {args.data}; pass --data", file=sys.stderr)
         return 2
     rows = []
-    header = f"{'case':<11} {'method':<9} {'dice':>6} {'hd95mm':>7} {'vol_mL':>8} {'ref_mL':>8} {'vol_err':>8} {'sec':>7} {'enc':>4} {'peakMB':>7}"
+    header = f"{'case':<11} {'method':<13} {'dice':>6} {'hd95mm':>7} {'vol_mL':>8} {'ref_mL':>8} {'vol_err':>8} {'sec':>7} {'enc':>4} {'peakMB':>7}"
     print(header, flush=True)
     for case in args.cases:
         for method in args.methods:
@@ -204,11 +211,11 @@ def main(argv=None) -> int:
                                   *thinner, "--one", case, method], check=False, capture_output=True, text=True,
                                  env={**os.environ, "PYTHONWARNINGS": "ignore"})
             if out.returncode != 0:
-                print(f"{case:<11} {method:<9} FAILED: {out.stderr.strip().splitlines()[-1:]}", flush=True)
+                print(f"{case:<11} {method:<13} FAILED: {out.stderr.strip().splitlines()[-1:]}", flush=True)
                 continue
             row = json.loads(out.stdout.strip().splitlines()[-1])
             rows.append(row)
-            print(f"{case:<11} {method:<9} {row['dice']:6.3f} {row['hd95_mm']:7.1f} {row['volume_ml']:8.2f} "
+            print(f"{case:<11} {method:<13} {row['dice']:6.3f} {row['hd95_mm']:7.1f} {row['volume_ml']:8.2f} "
                   f"{row['ref_ml']:8.2f} {row['volume_error']:+8.1%} {row['seconds']:7.1f} {row['encoded_slices']:4d} "
                   f"{row['peak_rss_mb']:7.0f}"
                   + (f" gpu {row['peak_gpu_mb']:.0f} MB" if row.get("peak_gpu_mb") else ""), flush=True)
@@ -218,7 +225,7 @@ def main(argv=None) -> int:
             for group, pick in (("CT", lambda r: r["case"].endswith("-ct")), ("MR", lambda r: r["case"].endswith("-mr"))):
                 g = [r for r in sel if pick(r)]
                 if g:
-                    print(f"mean {method:<9} {group}: dice {np.mean([r['dice'] for r in g]):.3f}  "
+                    print(f"mean {method:<13} {group}: dice {np.mean([r['dice'] for r in g]):.3f}  "
                           f"median |vol err| {np.median([abs(r['volume_error']) for r in g]):.1%}  "
                           f"seconds {np.sum([r['seconds'] for r in g]):.0f} total")
     if args.json:

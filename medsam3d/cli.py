@@ -59,6 +59,9 @@ def _get_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=_positive_int, default=3, metavar="N",
                    help="encode every N-th slice first and interpolate smooth stretches between them "
                         "(default 3; 1: segment every slice)")
+    p.add_argument("--blend-embeddings", action="store_true",
+                   help="decode the skipped slices on blends of their neighbours' embeddings instead of encoding "
+                        "them (fewer encodings on a CPU, slightly lower accuracy)")
     p.add_argument("--measure", action="store_true", help="add shape measurements to the report")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_segment)
@@ -144,6 +147,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     from .io._atomic import atomic_path, full_suffix
     from .errors import VolumeIOError
     from .pipeline import segment
+    from .propagate import PropagationConfig
     from .prompts import load_prompts, parse_box_option, parse_prompts
 
     if full_suffix(args.output) not in LABEL_SUFFIXES:
@@ -173,7 +177,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     try:
         result = segment(volume, objects, model_name=args.model, checkpoint=args.checkpoint, device=args.device,
                          window=args.window, modality=args.modality, overlap=args.overlap,
-                         zoom=None if args.no_zoom else 1.0, stride=args.stride, progress=progress)
+                         zoom=None if args.no_zoom else 1.0, stride=args.stride, progress=progress,
+                         config=PropagationConfig(blend_embeddings=args.blend_embeddings))
     finally:
         if bar is not None:
             bar.close()

@@ -137,8 +137,9 @@ def segment(volume: Volume, prompts, *, model=None, model_name: str = "litemedsa
     work_objects = _to_working(objects, reo)
     crop = _zoom_crop(work_objects, images.shape[:2], zoom) if zoom is not None else None
     # a copy: the caller's config is not changed by the settings below
-    batch = 8 if getattr(model, "device", "cpu") != "cpu" else 1
-    config = replace(config) if config else PropagationConfig(batch_size=batch)
+    config = replace(config) if config else PropagationConfig()
+    if config.batch_size is None:
+        config.batch_size = 8 if getattr(model, "device", "cpu") != "cpu" else 1
     config.voxel_mm = tuple(float(v) for v in working.spacing)
     if stride is not None:
         if int(stride) < 1:

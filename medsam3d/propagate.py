@@ -6,7 +6,11 @@ gives the first guess of the object's extent when no ``z_range`` is given.
 
 With ``PropagationConfig.stride`` > 1 (the default is 3) only every stride-th slice and the
 ends are encoded at first; the slices between are interpolated where their segmented
-neighbours agree and segmented where they do not (:func:`_fill_gaps`).
+neighbours agree and segmented where they do not (:func:`_fill_gaps`); with
+``PropagationConfig.blend_embeddings`` they are decoded on blended neighbour embeddings.
+
+Each prompted slice's final mask is the majority over its box grown by 0-3 pixels
+(:func:`_prompt_ensemble`), so it does not depend on how tightly the box was drawn.
 
 With a ``z_range`` (a 3D box prompt), two box chains with different margins then walk the
 slices the sections segmented, and each slice keeps the pixels that most of the three agree
@@ -59,7 +63,8 @@ class PropagationConfig:
     min_score: float = 0.35
     max_growth: float = 1.8
     max_shift: float = 0.5
-    batch_size: int = 1
+    #: slices encoded ahead per batch; None: 8 on a GPU, 1 on a CPU (set by the pipeline)
+    batch_size: int | None = None
     #: take each slice's box from orthogonal (sagittal + coronal) sections, see :mod:`medsam3d.views`
     orthogonal: bool = True
     #: without a z_range, the sections first span the key box's largest in-plane size x this, each way
@@ -77,6 +82,12 @@ class PropagationConfig:
     chain_vote: tuple[float, ...] = (0.03, 0.06)
     #: a chain's box is at most the sections' box for that slice x (1 + chain_cap) along i and j
     chain_cap: float = 0.5
+    #: the prompted slices' own masks: per-pixel majority over the user's box grown by each of
+    #: these many pixels (the propagation still starts from the box as given); () = the box alone
+    prompt_ensemble: tuple[int, ...] = (0, 1, 2, 3)
+    #: decode skipped slices on a blend of their encoded neighbours' embeddings instead of
+    #: encoding them (fewer encodings, slightly lower Dice; see :func:`_fill_gaps`)
+    blend_embeddings: bool = False
     #: voxel size (mm) along i, j, k, set by the pipeline from the volume
     voxel_mm: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
@@ -86,7 +97,7 @@ class SliceResult:
     mask: np.ndarray  # (I, J) bool in the working layout
     score: float
     box: tuple[int, int, int, int]
-    interpolated: bool = False
+    interpolated: bool = False  # filled from agreeing neighbours (see _fill_gaps), not walked
 
 
 @dataclass
@@ -136,11 +147,31 @@ class SliceEncoder:
                 self.progress(len(self.cache), self.total_hint, f"encoded slice {k}")
         return self.cache[k]
 
-    def predict(self, k: int, boxes: np.ndarray, direction: int = 0, limit=None) -> tuple[np.ndarray, np.ndarray]:
+    def blended(self, k: int):
+        """Features for slice k blended linearly from the nearest encoded slices on each side (the
+        model's ``blend``), or None when k is encoded, has no encoded slice on one side, or the
+        model cannot blend."""
+        if k in self.cache:
+            return None
+        below = [t for t in self.cache if t < k]
+        above = [t for t in self.cache if t > k]
+        if not below or not above:
+            return None
+        blend = getattr(self.model, "blend", None)
+        if blend is None:  # a model that cannot blend its features: encode
+            return None
+        a, b = max(below), min(above)
+        return blend(self.cache[a], self.cache[b], (k - a) / (b - a))
+
+    def predict(self, k: int, boxes: np.ndarray, direction: int = 0, limit=None, blend: bool = False
+                ) -> tuple[np.ndarray, np.ndarray]:
         """Masks (N, I, J) in full-slice coordinates for boxes (N, 4) in slice pixels (i, j)."""
         i0, j0, i1, j1 = self.crop
         local = np.asarray(boxes, np.float32).reshape(-1, 4) - [i0, j0, i0, j0]
-        masks_rc, scores = self.model.decode(self.get(k, direction, limit), local)
+        features = self.blended(k) if blend else None
+        if features is None:
+            features = self.get(k, direction, limit)
+        masks_rc, scores = self.model.decode(features, local)
         I, J, _ = self.images.shape
         full = np.zeros((len(local), I, J), bool)
         full[:, i0 : i1 + 1, j0 : j1 + 1] = masks_rc.transpose(0, 2, 1)
@@ -224,6 +255,8 @@ def propagate(encoder: SliceEncoder, objects: Sequence[ObjectPrompt], config: Pr
             _orthogonal_pass(encoder, obj, result, start, keys, config)
             if obj.z_range and config.chain_vote:
                 _chain_vote(encoder, result, start, keys, config)
+        if config.prompt_ensemble:
+            _prompt_ensemble(encoder, result, keys, config)
         log.info("object '%s': slices %d..%d (%s; %s)", obj.name, min(result.slices), max(result.slices),
                  result.stop_reasons["down"], result.stop_reasons["up"])
         results.append(result)
@@ -274,14 +307,14 @@ def _orthogonal_pass(encoder: SliceEncoder, obj: ObjectPrompt, result: ObjectRes
                 return boxes[t]
         return start.box
 
-    def run(k: int, direction: int) -> bool:
+    def run(k: int, direction: int, blend: bool = False, filled: bool = False) -> bool:
         box = expand_box(slice_box(k), (I, J), config.margin_frac, config.margin_min)
-        masks, scores = encoder.predict(k, np.array([box]), direction * stride, (lo, hi))
+        masks, scores = encoder.predict(k, np.array([box]), direction * stride, (lo, hi), blend=blend)
         mask = _largest_2d_component(masks[0])
         if mask.sum() < config.min_area_px:
             empty.add(k)
             return False
-        slices[k] = SliceResult(mask, float(scores[0]), box)
+        slices[k] = SliceResult(mask, float(scores[0]), box, interpolated=filled)
         return True
 
     for direction in (+1, -1):
@@ -316,7 +349,8 @@ def _orthogonal_pass(encoder: SliceEncoder, obj: ObjectPrompt, result: ObjectRes
                     break
             result.stop_reasons[side] = f"empty mask at slice {k}"
             break
-    _fill_gaps(slices, empty, encoder.cache, run, slice_box, (I, J), config)
+    blend = config.blend_embeddings and callable(getattr(encoder.model, "blend", None))
+    _fill_gaps(slices, empty, encoder.cache, run, slice_box, (I, J), config, blend)
     result.slices = slices
 
 
@@ -356,7 +390,7 @@ def _chain_vote(encoder: SliceEncoder, result: ObjectResult, start, keys, config
                     break
                 box = expand_box(prev_box, (I, J), margin, config.margin_min)
                 box = _cap_box(box, slices[k].box, config.chain_cap)
-                masks, _ = encoder.predict(k, np.array([box]))
+                masks, _ = encoder.predict(k, np.array([box]), blend=config.blend_embeddings)
                 mask = _largest_2d_component(masks[0])
                 if mask.sum() < config.min_area_px:
                     break
@@ -374,6 +408,26 @@ def _chain_vote(encoder: SliceEncoder, result: ObjectResult, start, keys, config
     log.info("chain vote over %d slices (%d members)", len(slices), len(members))
 
 
+def _prompt_ensemble(encoder: SliceEncoder, result: ObjectResult, keys, config: PropagationConfig) -> None:
+    """Each prompted slice's final mask: the per-pixel majority (at least half) of the masks for
+    the user's box grown by each of ``config.prompt_ensemble`` pixels, within the largest box.
+
+    MedSAM-family models are trained on boxes loosened by a few pixels; a box drawn tight on
+    the lesion's edge (as a reference's bounding box is) cuts off its boundary ring, which on a
+    small lesion is much of it (brain2: Dice 0.74 on its middle slice with the tight box, 0.92
+    with 2 px more). The majority does not depend on how tight the box was drawn. The
+    propagation itself starts from the box as given: starting it from the ensemble's mask
+    made the box chains grow on low-contrast CT.
+    """
+    I, J, _ = encoder.images.shape
+    grow = sorted(int(g) for g in config.prompt_ensemble)
+    for k, prompt in keys.items():
+        boxes = [expand_box(prompt.box, (I, J), 0.0, g) if g > 0 else prompt.box for g in grow]
+        masks, _ = encoder.predict(k, np.array(boxes))
+        limit = _box_mask(expand_box(boxes[-1], (I, J), 0.0, config.margin_min), (I, J))
+        result.slices[k].mask = (2 * masks.sum(axis=0) >= len(boxes)) & limit
+
+
 def _cap_box(box, limit, slack: float):
     """``box`` shrunk about its centre to at most ``limit``'s size x (1 + slack) along each axis."""
     out = list(box)
@@ -386,7 +440,8 @@ def _cap_box(box, limit, slack: float):
     return tuple(out)
 
 
-def _fill_gaps(slices: dict[int, SliceResult], empty: set[int], encoded, run, slice_box, shape, config) -> None:
+def _fill_gaps(slices: dict[int, SliceResult], empty: set[int], encoded, run, slice_box, shape, config,
+               blend: bool = False) -> None:
     """Slices skipped by a strided walk: interpolated where their neighbours agree, else segmented.
 
     Between two segmented slices ``a < b`` with skipped slices in between: when the two
@@ -395,6 +450,12 @@ def _fill_gaps(slices: dict[int, SliceResult], empty: set[int], encoded, run, sl
     clipped to their own box from the sections; otherwise the middle slice is encoded and
     segmented and both halves are checked again. Slices already ``encoded`` are always
     segmented. Interpolated slices are marked (score = the lower of the two neighbours' scores).
+
+    With ``blend`` (``config.blend_embeddings`` and a model that can blend) nothing more is
+    encoded here: a skipped slice is decoded with its own box on the linear blend of the
+    embeddings of the nearest encoded slices on each side (:meth:`SliceEncoder.blended`),
+    both where the neighbours agree (instead of the mask interpolation; still marked
+    interpolated) and for the middle slice where they do not.
     """
     stack = [(a, b) for a, b in zip(sorted(slices), sorted(slices)[1:]) if b - a > 1]
     while stack:
@@ -409,6 +470,10 @@ def _fill_gaps(slices: dict[int, SliceResult], empty: set[int], encoded, run, sl
             continue
         ma, mb = slices[a].mask, slices[b].mask
         iou = (ma & mb).sum() / max((ma | mb).sum(), 1)
+        if iou >= config.interp_iou and blend:
+            for t in between:
+                run(t, 0, True, True)
+            continue
         if iou >= config.interp_iou:
             for t in between:
                 w = (t - a) / (b - a)
@@ -417,11 +482,11 @@ def _fill_gaps(slices: dict[int, SliceResult], empty: set[int], encoded, run, sl
                 slices[t] = SliceResult(mask, min(slices[a].score, slices[b].score), box, interpolated=True)
             continue
         m = (a + b) // 2
-        if m in empty or m in slices or not run(m, 0):
+        if m in empty or m in slices or not run(m, 0, blend):
             # an empty middle inside the object's range: segment every skipped slice
             for t in between:
                 if t != m:
-                    run(t, 0)
+                    run(t, 0, blend)
             continue
         stack += [(a, m), (m, b)]
 

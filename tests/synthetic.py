@@ -48,3 +48,20 @@ def visible(mask, min_area=4):
     out = mask.copy()
     out[:, :, mask.sum(axis=(0, 1)) < min_area] = False
     return out
+
+
+class BlendingThresholdModel(ThresholdModel):
+    """ThresholdModel whose 'embeddings' (the images) can be blended between slices."""
+
+    @staticmethod
+    def blend(fa, fb, w):
+        return (1 - w) * fa + w * fb
+
+
+class TightBoxModel(ThresholdModel):
+    """Like a SAM-family model given a box drawn on the object's edge: the mask loses the ring
+    of pixels within 1 px of the box's sides (it segments only inside the box shrunk by 1)."""
+
+    def decode(self, image, boxes):
+        shrunk = np.asarray(boxes, np.float32).reshape(-1, 4) + [1, 1, -1, -1]
+        return super().decode(image, shrunk)

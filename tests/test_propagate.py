@@ -9,7 +9,7 @@ from medsam3d.pipeline import segment
 from medsam3d.prompts import BoxPrompt, ObjectPrompt
 from medsam3d.propagate import PropagationConfig, SliceEncoder, propagate
 
-from synthetic import ThresholdModel, ellipsoid, visible
+from synthetic import BlendingThresholdModel, ThresholdModel, TightBoxModel, ellipsoid, visible
 
 
 def _volume(mask, affine=None):
@@ -74,6 +74,50 @@ def test_strided_walk_interpolates_smooth_parts_and_segments_the_rest(z_range):
         assert len(interpolated) >= 8 and fast.encoded_slices <= exact.encoded_slices - len(interpolated)
     else:  # the box chain has encoded every slice already: they are all segmented
         assert interpolated == [] and np.array_equal(a, b)
+
+
+def test_prompt_ensemble_keeps_the_ring_a_tight_box_cuts_off():
+    # a box drawn on the object's edge loses the boundary ring with this model (as with
+    # LiteMedSAM on small lesions); the majority over the box grown by 0..3 px does not
+    obj = visible(ellipsoid((60, 60, 40), (30, 30, 20), (14, 11, 13)))
+    doc = {"version": 1, "objects": [{"slice": 20, "box": _box(obj[:, :, 20]), "z_range": [6, 33]}]}
+    key = {}
+    for grow in ((), (0, 1, 2, 3)):
+        result = segment(_volume(obj), doc, model=TightBoxModel(), window="percentile", zoom=None,
+                         config=PropagationConfig(prompt_ensemble=grow))
+        key[grow] = result.labels.array[:, :, 20] == 1
+    assert np.array_equal(key[(0, 1, 2, 3)], obj[:, :, 20])
+    assert (key[()] != obj[:, :, 20]).sum() > 0 and not (key[()] & ~obj[:, :, 20]).any()
+
+
+def test_blended_embeddings_decode_skipped_slices_without_encoding_them():
+    obj = visible(ellipsoid((60, 60, 40), (30, 30, 20), (14, 11, 13)))
+    doc = {"version": 1, "objects": [{"slice": 20, "box": _box(obj[:, :, 20]), "z_range": [6, 33]}]}
+    runs = {}
+    for model_class in (ThresholdModel, BlendingThresholdModel):
+        for blend in (False, True):
+            result = segment(_volume(obj), doc, model=model_class(), window="percentile", zoom=None,
+                             config=PropagationConfig(blend_embeddings=blend))
+            got = result.labels.array == 1
+            runs[model_class, blend] = (result.encoded_slices, 2 * (got & obj).sum() / (got.sum() + obj.sum()))
+    # a model that cannot blend its features runs exactly as without the option
+    assert runs[ThresholdModel, True] == runs[ThresholdModel, False]
+    (enc_blend, dice_blend), (enc, _) = runs[BlendingThresholdModel, True], runs[BlendingThresholdModel, False]
+    assert enc_blend < enc and dice_blend >= 0.95, runs  # measured 11 vs 15 encoded, Dice 0.972 vs 0.986
+
+
+def test_blend_uses_the_nearest_encoded_slices():
+    model = BlendingThresholdModel()
+    images = np.zeros((8, 8, 10), np.float32)
+    for k in range(10):
+        images[:, :, k] = k
+    encoder = SliceEncoder(model, images)
+    encoder.get(2)
+    encoder.get(6)
+    assert encoder.blended(2) is None and encoder.blended(1) is None and encoder.blended(8) is None
+    np.testing.assert_allclose(encoder.blended(3), 3.0)
+    np.testing.assert_allclose(encoder.blended(5), 5.0)
+    assert SliceEncoder(ThresholdModel(), images).blended(4) is None
 
 
 def test_strided_walk_segments_where_neighbours_disagree():

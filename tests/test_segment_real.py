@@ -9,6 +9,7 @@ import pytest
 
 import medsam3d as m3
 from medsam3d.cli import main
+from medsam3d.propagate import PropagationConfig
 
 from conftest import EXAMPLES, dice, shared
 
@@ -53,6 +54,10 @@ def test_strided_encoding_keeps_the_accuracy_of_every_slice(litemedsam):
     assert d_every >= 0.85 and d_fast >= d_every - 0.02, (d_every, d_fast)
     assert fast.encoded_slices < every.encoded_slices == 13
     assert fast.objects[0]["interpolated_slices"] and fast.objects[0]["slices"] == [17, 29]
+    # blended embeddings: the skipped slices are decoded, not encoded (measured 0.861 with 5 encoded)
+    blended = m3.segment(image, prompts, model=litemedsam, config=PropagationConfig(blend_embeddings=True))
+    d_blend = dice(blended.labels.array[:, :, 17:30] == 1, ref)
+    assert d_blend >= 0.84 and blended.encoded_slices < fast.encoded_slices, (d_blend, blended.encoded_slices)
 
 
 def test_dicom_series_to_dicom_seg(tmp_path, litemedsam):
@@ -76,7 +81,7 @@ def test_cli_segment_writes_output_and_report(tmp_path, capsys):
         {"name": "sarcoma", "slice": 23, "box": [57, 57, 100, 109], "z_range": [22, 24]}]}))
     out, report = tmp_path / "labels.seg.nrrd", tmp_path / "report.json"
     code = main(["segment", str(CASE / "CT_image.nii.gz"), "--prompts", str(prompts), "-o", str(out),
-                 "--json", str(report), "--device", "cpu", "--measure"])
+                 "--json", str(report), "--device", "cpu", "--measure", "--blend-embeddings"])
     assert code == 0
     text = capsys.readouterr().out
     assert "sarcoma (label 1):" in text and "mL" in text
@@ -90,6 +95,9 @@ def test_cli_segment_writes_output_and_report(tmp_path, capsys):
     assert obj["volume_ml"] == pytest.approx(obj["voxels"] * image.voxel_volume_mm3 / 1000, abs=1e-3)
     assert data["model"]["name"] == "litemedsam" and len(data["model"]["weights_sha256"]) == 64
     assert data["seconds"] > 0 and data["measurements"][0]["max_diameter_3d_mm"] > 0
+    propagation = data["settings"]["propagation"]
+    assert propagation["blend_embeddings"] is True and propagation["prompt_ensemble"] == [0, 1, 2, 3]
+    assert propagation["batch_size"] == 1  # CPU: one slice at a time
 
 
 @pytest.mark.parametrize("args, message", [

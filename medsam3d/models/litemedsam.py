@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import ModelError, require
-from .base import file_sha256, load_into, load_state_dict, resolve_device
+from .base import blend_features, file_sha256, load_into, load_state_dict, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ class LiteMedSAM:
 
     name = "litemedsam"
     input_size = INPUT
+    blend = staticmethod(blend_features)
     #: logit above which a pixel is foreground (0 = probability 0.5, the reference)
     mask_threshold = 0.0
 

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import ModelError, require
-from .base import file_sha256, load_into, load_state_dict, resolve_device
+from .base import blend_features, file_sha256, load_into, load_state_dict, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,7 @@ ARCHITECTURES = {"sam-vit-b": "vit_b", "sam-vit-l": "vit_l", "sam-vit-h": "vit_h
 class _SamFamily:
     name = "sam"
     size = 1024
+    blend = staticmethod(blend_features)
 
     def __init__(self, name: str, checkpoint: str | Path | None, device: str | None = "auto"):
         if checkpoint is None:
