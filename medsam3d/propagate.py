@@ -151,14 +151,12 @@ class SliceEncoder:
         """Features for slice k blended linearly from the nearest encoded slices on each side (the
         model's ``blend``), or None when k is encoded, has no encoded slice on one side, or the
         model cannot blend."""
-        if k in self.cache:
+        blend = getattr(self.model, "blend", None)
+        if blend is None or k in self.cache:  # a model that cannot blend its features: encode
             return None
         below = [t for t in self.cache if t < k]
         above = [t for t in self.cache if t > k]
         if not below or not above:
-            return None
-        blend = getattr(self.model, "blend", None)
-        if blend is None:  # a model that cannot blend its features: encode
             return None
         a, b = max(below), min(above)
         return blend(self.cache[a], self.cache[b], (k - a) / (b - a))
