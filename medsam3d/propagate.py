@@ -82,6 +82,8 @@ class PropagationConfig:
     chain_vote: tuple[float, ...] = (0.03, 0.06)
     #: a chain's box is at most the sections' box for that slice x (1 + chain_cap) along i and j
     chain_cap: float = 0.5
+    #: with the vote, a second chain per margin moves its box with the image (see :func:`_track_shift`)
+    chain_track: bool = True
     #: the prompted slices' own masks: per-pixel majority over the user's box grown by each of
     #: these many pixels (the propagation still starts from the box as given); () = the box alone
     prompt_ensemble: tuple[int, ...] = (0, 1, 2, 3)
@@ -374,18 +376,24 @@ def _chain_vote(encoder: SliceEncoder, result: ObjectResult, start, keys, config
     slices = result.slices
     walked = sorted(k for k, s in slices.items() if not s.interpolated)
     members = [{k: s.mask for k, s in slices.items()}]
-    for margin in config.chain_vote:
+    plan = [(margin, False) for margin in config.chain_vote]
+    if config.chain_track:
+        plan += [(margin, True) for margin in config.chain_vote]
+    for margin, track in plan:
         chain = {start.slice: slices[start.slice].mask}
         at = walked.index(start.slice)
         for order in (walked[at + 1 :], walked[:at][::-1]):
-            prev = chain[start.slice]
+            prev, prev_k = chain[start.slice], start.slice
             for k in order:
                 if k in keys:
                     prev = chain[k] = slices[k].mask
+                    prev_k = k
                     continue
                 prev_box = mask_box(prev)
                 if prev_box is None:  # an empty prompted slice: nothing to follow
                     break
+                if track:
+                    prev_box = _shift_box(prev_box, _track_shift(encoder.images, prev, prev_k, k), (I, J))
                 box = expand_box(prev_box, (I, J), margin, config.margin_min)
                 box = _cap_box(box, slices[k].box, config.chain_cap)
                 masks, _ = encoder.predict(k, np.array([box]), blend=config.blend_embeddings)
@@ -393,6 +401,7 @@ def _chain_vote(encoder: SliceEncoder, result: ObjectResult, start, keys, config
                 if mask.sum() < config.min_area_px:
                     break
                 prev = chain[k] = mask
+                prev_k = k
         done = sorted(chain)
         for a, b in zip(done, done[1:]):
             for t in range(a + 1, b):
@@ -404,6 +413,40 @@ def _chain_vote(encoder: SliceEncoder, result: ObjectResult, start, keys, config
         present = [m[k] for m in members if k in m]  # a chain that ended before k abstains
         sl.mask = sum(m.astype(np.uint8) for m in present) >= len(present) // 2 + 1
     log.info("chain vote over %d slices (%d members)", len(slices), len(members))
+
+
+def _track_shift(images: np.ndarray, prev_mask: np.ndarray, ka: int, kb: int) -> tuple[int, int]:
+    """How far (di, dj) the image content around ``prev_mask`` moved from slice ka to slice kb.
+
+    The patch is the mask's box grown by half its size on each side; the shift is found by
+    masked normalised cross-correlation (``skimage.registration.phase_cross_correlation``
+    with masks, Padfield 2012) and clipped to a quarter of the box's larger side.
+    """
+    from skimage.registration import phase_cross_correlation
+
+    I, J = prev_mask.shape
+    i0, j0, i1, j1 = mask_box(prev_mask)
+    hi, hj = (i1 - i0 + 1) // 2, (j1 - j0 + 1) // 2
+    a0, b0, a1, b1 = max(0, i0 - hi), max(0, j0 - hj), min(I, i1 + hi + 1), min(J, j1 + hj + 1)
+    before = images[a0:a1, b0:b1, ka].astype(np.float64)
+    after = images[a0:a1, b0:b1, kb].astype(np.float64)
+    if np.ptp(before) == 0 or np.ptp(after) == 0:  # nothing to register
+        return 0, 0
+    everywhere = np.ones(before.shape, bool)
+    found = phase_cross_correlation(before, after, reference_mask=everywhere, moving_mask=everywhere)
+    shift = np.asarray(found[0] if isinstance(found, tuple) else found, float)
+    limit = 0.25 * max(i1 - i0 + 1, j1 - j0 + 1)
+    di, dj = np.clip(-shift[:2], -limit, limit)
+    return int(round(di)), int(round(dj))
+
+
+def _shift_box(box, shift: tuple[int, int], shape: tuple[int, int]):
+    """``box`` moved by (di, dj), kept inside the slice."""
+    di, dj = shift
+    i0, j0, i1, j1 = box
+    di = int(np.clip(di, -i0, shape[0] - 1 - i1))
+    dj = int(np.clip(dj, -j0, shape[1] - 1 - j1))
+    return i0 + di, j0 + dj, i1 + di, j1 + dj
 
 
 def _prompt_ensemble(encoder: SliceEncoder, result: ObjectResult, keys, config: PropagationConfig) -> None:
