@@ -7,7 +7,7 @@ from medsam3d import PromptError, Volume
 from medsam3d.fuse import fuse
 from medsam3d.pipeline import segment
 from medsam3d.prompts import BoxPrompt, ObjectPrompt
-from medsam3d.propagate import PropagationConfig, SliceEncoder, propagate
+from medsam3d.propagate import PropagationConfig, SliceEncoder, _track_shift, propagate
 
 from synthetic import BlendingThresholdModel, ThresholdModel, TightBoxModel, ellipsoid, visible
 
@@ -166,6 +166,39 @@ def test_chain_vote_follows_a_drift():
     # past a tumour's tapering ends on real scans); here the sections' boxes far out are chords
     # of the disc, so the far slices keep part of it: exact where the sections see the object
     assert np.array_equal(voted[:, :, 9:22], obj[:, :, 9:22]) and dice(voted) > 0.85  # measured 0.891
+
+
+def test_track_shift_finds_how_the_object_moved_between_slices():
+    images = np.zeros((60, 60, 3))
+    ii, jj = np.indices((60, 60))
+    images[:, :, 0] = (ii - 30) ** 2 + (jj - 30) ** 2 <= 36
+    images[:, :, 1] = (ii - 33) ** 2 + (jj - 28) ** 2 <= 36  # moved by (+3, -2)
+    images[:, :, 2] = (ii - 30) ** 2 + (jj - 45) ** 2 <= 36  # too far: clipped to a quarter of the box
+    prev = images[:, :, 0] > 0
+    assert _track_shift(images, prev, 0, 1) == (3, -2)
+    di, dj = _track_shift(images, prev, 0, 2)
+    assert di == 0 and 0 < dj <= 0.25 * 13
+    flat = np.zeros((60, 60, 2))
+    flat[:, :, 0] = images[:, :, 0]
+    assert _track_shift(flat, prev, 0, 1) == (0, 0)  # nothing to register against
+
+
+def test_tracked_chains_join_the_vote_on_a_fast_drift():
+    # a disc drifting 2 px per slice: box chains that move with the image agree more with the
+    # object than fixed ones (measured Dice 0.623 vs 0.616, sections alone 0.549)
+    ii, jj = np.indices((90, 50))
+    obj = np.zeros((90, 50, 24), bool)
+    for k in range(2, 22):
+        obj[:, :, k] = (ii - (45 + 2 * (k - 12))) ** 2 + (jj - 25) ** 2 <= 36
+    doc = {"version": 1, "objects": [{"slice": 12, "box": _box(obj[:, :, 12]), "z_range": [2, 21]}]}
+
+    def dice(**kw):
+        result = segment(_volume(obj), doc, model=ThresholdModel(), window="percentile", zoom=None,
+                         config=PropagationConfig(stride=1, **kw))
+        got = result.labels.array == 1
+        return 2 * (got & obj).sum() / (got.sum() + obj.sum())
+
+    assert dice() > dice(chain_track=False) > dice(chain_vote=())
 
 
 def test_a_chain_with_nothing_to_follow_abstains():
