@@ -1,8 +1,8 @@
 """Slice-by-slice propagation of box prompts through a volume.
 
 By default (``PropagationConfig.orthogonal``) every slice's box comes from orthogonal
-sections through the object (:mod:`medsam3d.views`): the box chain below then only
-gives the first guess of the object's extent when no ``z_range`` is given.
+sections through the object (:mod:`medsam3d.views`); the box chain below runs only with
+``orthogonal=False``.
 
 With ``PropagationConfig.stride`` > 1 (the default is 3) only every stride-th slice and the
 ends are encoded at first; the slices between are interpolated where their segmented
@@ -226,7 +226,7 @@ def propagate(encoder: SliceEncoder, objects: Sequence[ObjectPrompt], config: Pr
             masks, scores = encoder.predict(k, np.array([prompt.box]), 0, (lo, hi))
             mask = masks[0] & _box_mask(expand_box(prompt.box, (I, J), 0.0, config.margin_min), (I, J))
             result.slices[k] = SliceResult(mask, float(scores[0]), prompt.box)
-        for direction in (+1, -1) if not (config.orthogonal and obj.z_range) else ():
+        for direction in (+1, -1) if not config.orthogonal else ():  # the box chain
             prev = result.slices[start.slice]
             peak = max(int(prev.mask.sum()), 1)
             k = start.slice + direction
@@ -268,9 +268,12 @@ def propagate(encoder: SliceEncoder, objects: Sequence[ObjectPrompt], config: Pr
 def _orthogonal_pass(encoder: SliceEncoder, obj: ObjectPrompt, result: ObjectResult, start, keys, config) -> None:
     """Re-segment every slice with a box read from orthogonal sections (replaces the chain's boxes).
 
-    With a ``z_range`` the sections span it; otherwise they start from the chain's extent
-    and grow while the object goes on (see :func:`medsam3d.views.orthogonal_boxes`), and the
-    object ends where the sections end or a slice's mask is empty.
+    With a ``z_range`` the sections span it; otherwise they start from the key box's largest
+    in-plane size x ``config.section_reach`` each way (and every prompted slice) and grow
+    while the object goes on (see :func:`medsam3d.views.orthogonal_boxes`), and the object
+    ends where the sections end or a slice's mask is empty. (Starting from a box chain's
+    extent instead, as before, let the sections run on past small lesions: the chain's masks
+    past breast1's end stay at 20-33 % of the key's area.)
 
     With ``config.stride`` > 1 only every stride-th slice (and the ends) is encoded at
     first; see :func:`_fill_gaps` for the slices in between.
@@ -281,13 +284,12 @@ def _orthogonal_pass(encoder: SliceEncoder, obj: ObjectPrompt, result: ObjectRes
     if obj.z_range:
         z, adaptive = obj.z_range, False
     else:
-        # first guess: the chain's extent, and at least the key box's largest in-plane size
-        # x section_reach each way; the sections then grow while the object goes on
+        # first guess: the key box's largest in-plane size x section_reach each way, and every
+        # prompted slice; the sections then grow while the object goes on
         b = start.box
         reach = int(np.ceil(max((b[2] - b[0] + 1) * config.voxel_mm[0], (b[3] - b[1] + 1) * config.voxel_mm[1])
                             / config.voxel_mm[2] * config.section_reach))
-        z = (max(0, min(min(result.slices) - 1, start.slice - reach)),
-             min(K - 1, max(max(result.slices) + 1, start.slice + reach)))
+        z = (max(0, min(min(keys), start.slice - reach)), min(K - 1, max(max(keys), start.slice + reach)))
         adaptive = True
     # a given z_range comes with a box on one slice that need not be the largest: wider sections
     boxes, sections = orthogonal_boxes(encoder.model, encoder.images, config.voxel_mm, start.box, z,

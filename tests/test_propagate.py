@@ -70,10 +70,8 @@ def test_strided_walk_interpolates_smooth_parts_and_segments_the_rest(z_range):
     assert fast.objects[0]["slices"] == exact.objects[0]["slices"]  # the ends are segmented, not guessed
     interpolated = fast.objects[0]["interpolated_slices"]
     assert exact.objects[0]["interpolated_slices"] == []
-    if z_range:
-        assert len(interpolated) >= 8 and fast.encoded_slices <= exact.encoded_slices - len(interpolated)
-    else:  # the box chain has encoded every slice already: they are all segmented
-        assert interpolated == [] and np.array_equal(a, b)
+    # with or without a z_range no box chain encodes ahead: the smooth stretches are interpolated
+    assert len(interpolated) >= 8 and fast.encoded_slices <= exact.encoded_slices - len(interpolated)
 
 
 def test_prompt_ensemble_keeps_the_ring_a_tight_box_cuts_off():
