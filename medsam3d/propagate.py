@@ -19,8 +19,8 @@ the sections segmented, and each slice keeps the pixels that most of the five ag
 tumour that drifts sideways out of the sections, the sections stop a chain's errors from
 piling up.
 
-The box chain: from each object's prompted slice (the one with the largest box first) the engine walks
-outwards in both directions. The next slice's box is the previous mask's bounding box
+The box chain (with ``orthogonal=False`` only): from each object's prompted slice (the one
+with the largest box first) the engine walks outwards in both directions. The next slice's box is the previous mask's bounding box
 plus a margin; a prompted slice on the way uses its own box. An object ends on evidence:
 
 * an empty mask, or a small one (below ``min_area_frac`` of the largest area seen so
