@@ -126,6 +126,7 @@ class SliceEncoder:
         self.crop = crop or (0, 0, I - 1, J - 1)
         self.batch_size = max(1, int(batch_size))
         self.cache: dict[int, object] = {}
+        self.used: set[int] = set()  # slices asked for (not merely encoded ahead in a batch)
         self.sections_encoded = 0
         self.progress = progress
         self.total_hint = total_hint or images.shape[2]
@@ -135,12 +136,17 @@ class SliceEncoder:
         return self.images[i0 : i1 + 1, j0 : j1 + 1, k].T  # rows = j, columns = i
 
     def get(self, k: int, direction: int = 0, limit: tuple[int, int] | None = None):
+        """Features of slice k. With a ``direction`` (a walk's step) the next slices along it, up to
+        ``batch_size`` in all and within ``limit``, are encoded in the same batch. Slices encoded
+        ahead are not :attr:`used` until asked for, so the segmentation does not depend on the
+        batch size (a GPU gives the same masks as a CPU)."""
+        self.used.add(k)
         if k not in self.cache:
             lo, hi = limit or (0, self.images.shape[2] - 1)
             todo = [k]
-            step = direction or 1
+            step = direction
             nxt = k + step
-            while len(todo) < self.batch_size and lo <= nxt <= hi:
+            while step and len(todo) < self.batch_size and lo <= nxt <= hi:
                 if nxt not in self.cache:
                     todo.append(nxt)
                 nxt += step
@@ -156,10 +162,10 @@ class SliceEncoder:
         model's ``blend``), or None when k is encoded, has no encoded slice on one side, or the
         model cannot blend."""
         blend = getattr(self.model, "blend", None)
-        if blend is None or k in self.cache:  # a model that cannot blend its features: encode
+        if blend is None or k in self.used:  # a model that cannot blend its features: encode
             return None
-        below = [t for t in self.cache if t < k]
-        above = [t for t in self.cache if t > k]
+        below = [t for t in self.used if t < k]
+        above = [t for t in self.used if t > k]
         if not below or not above:
             return None
         a, b = max(below), min(above)
@@ -354,7 +360,7 @@ def _orthogonal_pass(encoder: SliceEncoder, obj: ObjectPrompt, result: ObjectRes
             result.stop_reasons[side] = f"empty mask at slice {k}"
             break
     blend = config.blend_embeddings and callable(getattr(encoder.model, "blend", None))
-    _fill_gaps(slices, empty, encoder.cache, run, slice_box, (I, J), config, blend)
+    _fill_gaps(slices, empty, encoder.used, run, slice_box, (I, J), config, blend)
     result.slices = slices
 
 
@@ -389,29 +395,42 @@ def _chain_vote(encoder: SliceEncoder, result: ObjectResult, start, keys, config
     plan = [(margin, False) for margin in config.chain_vote]
     if config.chain_track:
         plan += [(margin, True) for margin in config.chain_vote]
-    for margin, track in plan:
-        chain = {start.slice: slices[start.slice].mask}
-        at = walked.index(start.slice)
-        for order in (walked[at + 1 :], walked[:at][::-1]):
-            prev, prev_k = chain[start.slice], start.slice
-            for k in order:
-                if k in keys:
-                    prev = chain[k] = slices[k].mask
-                    prev_k = k
-                    continue
-                prev_box = mask_box(prev)
+    chains: list[dict[int, np.ndarray]] = [{start.slice: slices[start.slice].mask} for _ in plan]
+    at = walked.index(start.slice)
+    for order in (walked[at + 1 :], walked[:at][::-1]):
+        # the chains walk in lockstep so that each slice decodes all their boxes in one call
+        prev = [(chain[start.slice], start.slice) for chain in chains]
+        alive = list(range(len(plan)))
+        for k in order:
+            if k in keys:  # a prompted slice: every chain that is still going restarts from it
+                for c in alive:
+                    chains[c][k] = slices[k].mask
+                    prev[c] = (slices[k].mask, k)
+                continue
+            boxes, going = [], []
+            for c in alive:
+                margin, track = plan[c]
+                prev_box = mask_box(prev[c][0])
                 if prev_box is None:  # an empty prompted slice: nothing to follow
-                    break
+                    continue
                 if track:
-                    prev_box = _shift_box(prev_box, _track_shift(encoder.images, prev, prev_k, k), (I, J))
+                    prev_box = _shift_box(prev_box, _track_shift(encoder.images, prev[c][0], prev[c][1], k), (I, J))
                 box = expand_box(prev_box, (I, J), margin, config.margin_min)
-                box = _cap_box(box, slices[k].box, config.chain_cap)
-                masks, _ = encoder.predict(k, np.array([box]), blend=config.blend_embeddings)
-                mask = _largest_2d_component(masks[0])
-                if mask.sum() < config.min_area_px:
-                    break
-                prev = chain[k] = mask
-                prev_k = k
+                boxes.append(_cap_box(box, slices[k].box, config.chain_cap))
+                going.append(c)
+            alive = []
+            if not going:
+                break
+            masks, _ = encoder.predict(k, np.array(boxes), blend=config.blend_embeddings)
+            for c, mask in zip(going, masks):
+                mask = _largest_2d_component(mask)
+                if mask.sum() >= config.min_area_px:  # else this chain ends here
+                    chains[c][k] = mask
+                    prev[c] = (mask, k)
+                    alive.append(c)
+            if not alive:
+                break
+    for chain in chains:
         done = sorted(chain)
         for a, b in zip(done, done[1:]):
             for t in range(a + 1, b):
@@ -432,6 +451,9 @@ def _track_shift(images: np.ndarray, prev_mask: np.ndarray, ka: int, kb: int) ->
     masked normalised cross-correlation (``skimage.registration.phase_cross_correlation``
     with masks, Padfield 2012) and clipped to a quarter of the box's larger side.
     """
+    import os
+
+    import scipy.fft
     from skimage.registration import phase_cross_correlation
 
     I, J = prev_mask.shape
@@ -443,7 +465,8 @@ def _track_shift(images: np.ndarray, prev_mask: np.ndarray, ka: int, kb: int) ->
     if np.ptp(before) == 0 or np.ptp(after) == 0:  # nothing to register
         return 0, 0
     everywhere = np.ones(before.shape, bool)
-    found = phase_cross_correlation(before, after, reference_mask=everywhere, moving_mask=everywhere)
+    with scipy.fft.set_workers(os.cpu_count() or 1):  # skimage's FFTs, on every core
+        found = phase_cross_correlation(before, after, reference_mask=everywhere, moving_mask=everywhere)
     shift = np.asarray(found[0] if isinstance(found, tuple) else found, float)
     limit = 0.25 * max(i1 - i0 + 1, j1 - j0 + 1)
     di, dj = np.clip(-shift[:2], -limit, limit)
@@ -491,7 +514,7 @@ def _cap_box(box, limit, slack: float):
     return tuple(out)
 
 
-def _fill_gaps(slices: dict[int, SliceResult], empty: set[int], encoded, run, slice_box, shape, config,
+def _fill_gaps(slices: dict[int, SliceResult], empty: set[int], used, run, slice_box, shape, config,
                blend: bool = False) -> None:
     """Slices skipped by a strided walk: interpolated where their neighbours agree, else segmented.
 
@@ -499,8 +522,8 @@ def _fill_gaps(slices: dict[int, SliceResult], empty: set[int], encoded, run, sl
     masks overlap well (IoU >= ``config.interp_iou``) the object changes smoothly there and
     the skipped slices get the shape-based (signed distance) interpolation of the two masks,
     clipped to their own box from the sections; otherwise the middle slice is encoded and
-    segmented and both halves are checked again. Slices already ``encoded`` are always
-    segmented. Interpolated slices are marked (score = the lower of the two neighbours' scores).
+    segmented and both halves are checked again. Slices already ``used`` (encoded and asked
+    for by a walk) are always segmented. Interpolated slices are marked (score = the lower of the two neighbours' scores).
 
     With ``blend`` (``config.blend_embeddings`` and a model that can blend) nothing more is
     encoded here: a skipped slice is decoded with its own box on the linear blend of the
@@ -514,7 +537,7 @@ def _fill_gaps(slices: dict[int, SliceResult], empty: set[int], encoded, run, sl
         between = [t for t in range(a + 1, b) if t not in empty and t not in slices]
         if not between:
             continue
-        cached = [t for t in between if t in encoded]
+        cached = [t for t in between if t in used]
         if cached:  # encoded already (by the box chain): decoding is cheap, segment them
             done = [a, *(t for t in cached if run(t, 0)), b]
             stack += [(x, y) for x, y in zip(done, done[1:]) if y - x > 1]
