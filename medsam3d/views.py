@@ -26,7 +26,8 @@ SECTION_POSITIONS = (0.5, 0.3, 0.7)  # along the key box, fraction of its width
 
 
 class Section:
-    """One orthogonal section through the volume, encoded once, decoded with any box.
+    """One orthogonal section through the volume, encoded once (:func:`encode_sections`),
+    decoded with any box.
 
     ``section[c, k]`` is cropped to columns ``cols`` and slices ``ks`` (inclusive; a zoom on
     the object, as for axial slices) and shown to the model with rows = k (resampled by
@@ -48,7 +49,8 @@ class Section:
         if rows != self.nk:
             image = ndimage.zoom(image, (rows / self.nk, 1.0), order=1, grid_mode=True, mode="nearest")
         self.scale = image.shape[0] / self.nk
-        (self.features,) = model.encode([image.astype(np.float32)])
+        self.image = image.astype(np.float32)
+        self.features = None
         self.rows = image.shape[0]
 
     def mask(self, cols: tuple[int, int], ks: tuple[int, int]) -> np.ndarray:
@@ -62,6 +64,12 @@ class Section:
         out = np.zeros((self.full_cols, self.full_k), bool)
         out[self.c0 : self.c0 + self.ncols, self.k0 : self.k0 + self.nk] = masks[0][centres].T
         return out
+
+
+def encode_sections(model, sections: list[Section]) -> None:
+    """Encode the sections in one batch."""
+    for sec, features in zip(sections, model.encode([sec.image for sec in sections])):
+        sec.features = features
 
 
 def orthogonal_boxes(model, images: np.ndarray, spacing: tuple[float, float, float], key_box, z_range,
@@ -94,6 +102,7 @@ def orthogonal_boxes(model, images: np.ndarray, spacing: tuple[float, float, flo
                 for f in positions]
     coronal = [Section(model, images[:, int(round(j0 + f * (j1 - j0))), :], sk / si, i_crop, ks)
                for f in positions]
+    encode_sections(model, sagittal + coronal)
     for _ in range(max_rounds if adaptive else 1):
         j_extent = np.zeros((J, K), bool)
         i_extent = np.zeros((I, K), bool)

@@ -359,7 +359,7 @@ def test_orthogonal_sections_find_the_extent_and_boxes(z_range):
 
 
 def test_orthogonal_sections_use_square_pixels_on_thick_slices():
-    from medsam3d.views import Section
+    from medsam3d.views import Section, encode_sections
 
     captured = {}
 
@@ -370,7 +370,8 @@ def test_orthogonal_sections_use_square_pixels_on_thick_slices():
 
     section = np.zeros((50, 12))  # 50 columns of 0.8 mm, 12 slices of 4 mm
     section[10:30, 3:8] = 1
-    sec = Section(Spy(), section, row_scale=4 / 0.8)
+    sec = Section(spy := Spy(), section, row_scale=4 / 0.8)
+    encode_sections(spy, [sec])
     assert captured["shape"] == (60, 50)  # 12 slices x 5 -> 60 rows
     mask = sec.mask((8, 32), (2, 9))
     assert mask.shape == (50, 12)
