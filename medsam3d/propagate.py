@@ -43,11 +43,12 @@ encoded ahead in batches along the walk (``batch_size``).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 
+from ._parallel import map_threads
 from .prompts import ObjectPrompt
 
 log = logging.getLogger(__name__)
@@ -407,20 +408,19 @@ def _chain_vote(encoder: SliceEncoder, result: ObjectResult, start, keys, config
                     chains[c][k] = slices[k].mask
                     prev[c] = (slices[k].mask, k)
                 continue
-            boxes, going = [], []
-            for c in alive:
-                margin, track = plan[c]
-                prev_box = mask_box(prev[c][0])
-                if prev_box is None:  # an empty prompted slice: nothing to follow
-                    continue
-                if track:
-                    prev_box = _shift_box(prev_box, _track_shift(encoder.images, prev[c][0], prev[c][1], k), (I, J))
-                box = expand_box(prev_box, (I, J), margin, config.margin_min)
-                boxes.append(_cap_box(box, slices[k].box, config.chain_cap))
-                going.append(c)
-            alive = []
+            alive = [c for c in alive if prev[c][0].any()]  # an empty prompted slice: nothing to follow
+            tracked = [c for c in alive if plan[c][1]]
+            shifts = dict(zip(tracked, map_threads(lambda c: _track_shift(encoder.images, *prev[c], k), tracked)))
+            boxes, going, alive = [], alive, []
             if not going:
                 break
+            for c in going:
+                margin, track = plan[c]
+                prev_box = mask_box(prev[c][0])
+                if track:
+                    prev_box = _shift_box(prev_box, shifts[c], (I, J))
+                box = expand_box(prev_box, (I, J), margin, config.margin_min)
+                boxes.append(_cap_box(box, slices[k].box, config.chain_cap))
             masks, _ = encoder.predict(k, np.array(boxes), blend=config.blend_embeddings)
             for c, mask in zip(going, masks):
                 mask = _largest_2d_component(mask)
@@ -430,12 +430,12 @@ def _chain_vote(encoder: SliceEncoder, result: ObjectResult, start, keys, config
                     alive.append(c)
             if not alive:
                 break
-    for chain in chains:
-        done = sorted(chain)
-        for a, b in zip(done, done[1:]):
-            for t in range(a + 1, b):
-                chain[t] = _interpolate_masks(chain[a], chain[b], (t - a) / (b - a))
-        members.append(chain)
+    gaps = [(chain, a, b, t) for chain in chains for a, b in zip(sorted(chain), sorted(chain)[1:])
+            for t in range(a + 1, b)]
+    filled = map_threads(lambda g: _interpolate_masks(g[0][g[1]], g[0][g[2]], (g[3] - g[1]) / (g[2] - g[1])), gaps)
+    for (chain, _, _, t), mask in zip(gaps, filled):
+        chain[t] = mask
+    members += chains
     for k, sl in slices.items():
         if k in keys:
             continue

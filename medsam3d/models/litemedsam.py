@@ -13,13 +13,21 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
+from .._parallel import map_threads
 from ..errors import ModelError, require
-from .base import blend_features, file_sha256, load_into, load_state_dict, resolve_device
+from .base import (
+    blend_features,
+    file_sha256,
+    load_into,
+    load_state_dict,
+    resolve_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +111,7 @@ class LiteMedSAM:
 
     def encode(self, images: Sequence[np.ndarray]) -> list[Any]:
         torch = self._torch
-        prepared = _map_threads(self.prepare, [np.asarray(im, np.float32) for im in images])
+        prepared = map_threads(self.prepare, [np.asarray(im, np.float32) for im in images])
         batch = torch.from_numpy(np.stack([p[0] for p in prepared]))[:, None].expand(-1, 3, -1, -1)
         with torch.inference_mode():
             features = self.encode_tensor(batch.contiguous().to(self.device))
@@ -135,18 +143,6 @@ class LiteMedSAM:
             logits = torch.nn.functional.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
         masks = (logits[:, 0] > self.mask_threshold).cpu().numpy()
         return masks, iou[:, 0].float().cpu().numpy()
-
-
-def _map_threads(fn, items: list) -> list:
-    """``[fn(x) for x in items]`` on a thread per core (the resizing releases the GIL)."""
-    import os
-
-    if len(items) < 2:
-        return [fn(x) for x in items]
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(min(len(items), os.cpu_count() or 1)) as pool:
-        return list(pool.map(fn, items))
 
 
 def cache_dir() -> Path:
