@@ -51,6 +51,16 @@ def test_onnx_and_torch_encoders_agree(litemedsam):
     assert torch.allclose(a, b, atol=1e-4)
 
 
+def test_a_batch_encodes_as_its_images_one_by_one(litemedsam):
+    # the sections are encoded in one batch; the ONNX export takes one image per run
+    rng = np.random.default_rng(2)
+    images = [rng.random(shape).astype(np.float32) for shape in ((120, 100), (64, 200), (90, 90))]
+    batch = litemedsam.encode(images)
+    for image, features in zip(images, batch):
+        (alone,) = litemedsam.encode([image])
+        assert torch.allclose(features[0], alone[0], atol=1e-5) and features[1:] == alone[1:]
+
+
 def test_missing_and_wrong_checkpoints_give_clear_errors(tmp_path):
     with pytest.raises(ModelError, match="--checkpoint PATH"):
         load_model("medsam")

@@ -119,9 +119,10 @@ class LiteMedSAM:
 
     def encode_tensor(self, batch):
         """(B, 3, 256, 256) -> (B, 256, 64, 64) image embeddings."""
-        if self._ort is not None:
-            out = self._ort.run(None, {"image": batch.cpu().numpy()})[0]
-            return self._torch.from_numpy(out)
+        if self._ort is not None:  # the export runs one image at a time (TinyViT reshapes with batch 1)
+            x = batch.cpu().numpy()
+            out = [self._ort.run(None, {"image": x[n : n + 1]})[0] for n in range(len(x))]
+            return self._torch.from_numpy(np.concatenate(out))
         return self.net.image_encoder(batch)
 
     def decode(self, features: Any, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
