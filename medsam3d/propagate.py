@@ -444,8 +444,8 @@ def _chain_vote(encoder: SliceEncoder, result: ObjectResult, start, keys, config
     log.info("chain vote over %d slices (%d members)", len(slices), len(members))
 
 
-#: larger patches are registered on block means (f x f, f = ceil(side / TRACK_PX)); this keeps
-#: the FFTs f² times smaller on a large tumour and cost little Dice (sarcomas: <= 0.002 per case)
+#: larger patches are registered on block means (f x f, f = ceil(side / TRACK_PX)): the FFTs are
+#: f² times smaller on a large tumour, for a Dice lower by at most 0.003 per sarcoma (0.004 in all)
 TRACK_PX = 128
 
 
