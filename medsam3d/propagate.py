@@ -445,7 +445,7 @@ def _chain_vote(encoder: SliceEncoder, result: ObjectResult, start, keys, config
 
 
 #: larger patches are registered on block means (f x f, f = ceil(side / TRACK_PX)): the FFTs are
-#: f² times smaller on a large tumour, for a Dice lower by at most 0.003 per sarcoma (0.004 in all)
+#: f² times smaller on a large tumour, for a Dice lower by at most 0.002 per sarcoma (0.004 over the six)
 TRACK_PX = 128
 
 
