@@ -21,13 +21,7 @@ import numpy as np
 
 from .._parallel import map_threads
 from ..errors import ModelError, require
-from .base import (
-    blend_features,
-    file_sha256,
-    load_into,
-    load_state_dict,
-    resolve_device,
-)
+from .base import blend_features, file_sha256, load_into, load_state_dict, resolve_device
 
 log = logging.getLogger(__name__)
 
