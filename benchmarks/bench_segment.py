@@ -16,9 +16,12 @@ Methods
              batches of 8 slices with PyTorch on a GPU).
   ours-2d  : medsam3d with one tight 2D box on the slice where the tumour is largest,
              no z range (the realistic prompt).
-  ours-3d-blend : as ours-3d with PropagationConfig(blend_embeddings=True): the slices
-             skipped by the strided walk are decoded on blended neighbour embeddings
-             instead of being encoded (the CLI's --blend-embeddings).
+  ours-3d-fast, ours-2d-fast : as ours-3d and ours-2d with the speed preset
+             PropagationConfig.fast() (the CLI's --fast): blended embeddings, stride 4,
+             with a 3D box sections at the key box's centre only.
+  ours-3d-blend : as ours-3d with PropagationConfig(blend_embeddings=True): where the
+             strided walk's neighbours disagree, the slice between is decoded on blended
+             neighbour embeddings instead of being encoded (the CLI's --blend-embeddings).
 
 Usage: python benchmarks/bench_segment.py [--data ../shared/data] [--cases NAME ...] [--methods M ...]
                                           [--device cpu|cuda] [--slice-mm MM] [--json out.json]
@@ -47,7 +50,8 @@ CASES = {
     "brain2-mr": ("pyradiomics/brain2_image.nrrd", "pyradiomics/brain2_label.nrrd"),
     "breast1-mr": ("pyradiomics/breast1_image.nrrd", "pyradiomics/breast1_label.nrrd"),
 }
-METHODS = ("naive-3d", "ours-3d", "ours-2d", "ours-3d-blend")
+METHODS = ("naive-3d", "ours-3d", "ours-2d", "ours-3d-fast", "ours-2d-fast", "ours-3d-blend")
+DEFAULT_METHODS = METHODS[:5]
 
 
 def bbox2d(mask):
@@ -144,10 +148,11 @@ def run_one(data: Path, case: str, method: str, device: str = "cpu", slice_mm: f
     ref = m3.load_labels(data / mask_path, image).array == 1
     if slice_mm:
         image, ref = thinner_slices(image, ref, slice_mm)
-    prompt = prompts_for(ref)["2d" if method.endswith("2d") else "3d"]
+    prompt = prompts_for(ref)["2d" if "-2d" in method else "3d"]
     from medsam3d.propagate import PropagationConfig
 
-    config = PropagationConfig(blend_embeddings=method.endswith("blend"))
+    config = PropagationConfig.fast() if method.endswith("-fast") else PropagationConfig(
+        blend_embeddings=method.endswith("-blend"))
     if method == "naive-3d":
         model = load_model("litemedsam", device=device, runtime="torch")
         _warm_up(model)
@@ -184,11 +189,22 @@ def run_one(data: Path, case: str, method: str, device: str = "cpu", slice_mm: f
             "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.startswith("cuda") else None}
 
 
+def _against_naive(rows: list[dict], group: list[dict]) -> str:
+    """The group's seconds over the naive loop's on the same cases, and the cases below its Dice."""
+    naive = {r["case"]: r for r in rows if r["method"] == "naive-3d"}
+    both = [r for r in group if r["case"] in naive and r["method"] != "naive-3d"]
+    if not both:
+        return ""
+    ratio = sum(r["seconds"] for r in both) / sum(naive[r["case"]]["seconds"] for r in both)
+    below = [r["case"] for r in both if r["dice"] < naive[r["case"]]["dice"]]
+    return f"  = {ratio:.2f}x naive; below naive's Dice: {', '.join(below) or 'none'}"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     parser.add_argument("--cases", nargs="*", default=list(CASES))
-    parser.add_argument("--methods", nargs="*", default=list(METHODS))
+    parser.add_argument("--methods", nargs="*", default=list(DEFAULT_METHODS), choices=METHODS)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: where every method runs")
     parser.add_argument("--slice-mm", type=float, help="resample every case along k to slices this thick first "
@@ -227,7 +243,7 @@ def main(argv=None) -> int:
                 if g:
                     print(f"mean {method:<13} {group}: dice {np.mean([r['dice'] for r in g]):.3f}  "
                           f"median |vol err| {np.median([abs(r['volume_error']) for r in g]):.1%}  "
-                          f"seconds {np.sum([r['seconds'] for r in g]):.0f} total")
+                          f"seconds {np.sum([r['seconds'] for r in g]):.0f} total" + _against_naive(rows, g))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return 0
