@@ -18,7 +18,7 @@ Methods
              no z range (the realistic prompt).
   ours-3d-fast, ours-2d-fast : as ours-3d and ours-2d with the speed preset
              PropagationConfig.fast() (the CLI's --fast): blended embeddings, stride 4,
-             with a 3D box sections at the key box's centre only.
+             with a 3D box sections at the key box's centre only and a looser chain cap.
   ours-3d-blend : as ours-3d with PropagationConfig(blend_embeddings=True): where the
              strided walk's neighbours disagree, the slice between is decoded on blended
              neighbour embeddings instead of being encoded (the CLI's --blend-embeddings).

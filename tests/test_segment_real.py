@@ -63,7 +63,7 @@ def test_strided_encoding_keeps_the_accuracy_of_every_slice(litemedsam):
     d_quick = dice(quick.labels.array[:, :, 17:30] == 1, ref)
     images = quick.encoded_slices + quick.settings["encoded_sections"]
     assert quick.settings["encoded_sections"] == 2 and images < fast.encoded_slices + 6, images
-    assert d_quick >= 0.86, d_quick  # measured 0.885 with 5 slices and 2 sections encoded (defaults: 0.895, 9 + 6)
+    assert d_quick >= 0.86, d_quick  # measured 0.881 with 5 slices and 2 sections encoded (defaults: 0.895, 9 + 6)
 
 
 def test_dicom_series_to_dicom_seg(tmp_path, litemedsam):
