@@ -403,3 +403,33 @@ def test_orthogonal_sections_use_square_pixels_on_thick_slices():
     mask = sec.mask((8, 32), (2, 9))
     assert mask.shape == (50, 12)
     assert mask[10:30, 3:8].all() and not mask[:, :3].any() and not mask[:, 8:].any()
+
+
+@pytest.mark.parametrize("stride", [1, 3])
+def test_a_conspicuous_object_ends_where_its_contents_change(stride):
+    # a bright lesion (1.0) in a halo (0.4) over slices 8-16; past its end, under the same footprint, a
+    # dimmer tissue (0.65) that the model segments too (as SAM-family models return a blob of the
+    # neighbouring tissue past a lesion's end)
+    shape = (48, 48, 30)
+    lesion = visible(ellipsoid(shape, (24, 24, 12), (8, 8, 4.5)))
+    halo = ellipsoid(shape, (24, 24, 12), (12, 12, 4.5)) & ~lesion
+    tissue = ellipsoid(shape, (24, 24, 21), (7, 7, 4.5)) & ~lesion & ~halo
+    arr = np.where(lesion, 1.0, np.where(tissue, 0.65, np.where(halo, 0.4, 0.0))).astype(np.float32)
+    vol = Volume(arr, np.diag([0.8, 0.8, 2.0, 1.0]), {"modality": "MR"})
+    doc = {"version": 1, "objects": [{"name": "t", "slice": 12, "box": _box(lesion[:, :, 12])}]}
+    ks = np.flatnonzero(lesion.any(axis=(0, 1)))
+    result = segment(vol, doc, model=ThresholdModel(), window="0.5,1", zoom=None, config=PropagationConfig(stride=stride))
+    assert result.objects[0]["slices"] == [int(ks[0]), int(ks[-1])]
+    got = result.labels.array == 1
+    assert 2 * (got & lesion).sum() / (got.sum() + lesion.sum()) > 0.97  # stride 3 interpolates some slices
+    assert "not the object" in result.objects[0]["stopped"]["up"]
+    # without the check the tissue is taken as the lesion going on
+    off = segment(vol, doc, model=ThresholdModel(), window="0.5,1", zoom=None,
+                  config=PropagationConfig(stride=stride, content_min_cnr=0))
+    assert off.objects[0]["slices"][1] > ks[-1] + 2
+    # a low-contrast object (inside and ring alike) is not tested: the medians say nothing there
+    flat = np.where(lesion | halo, 0.8, 0.0).astype(np.float32)
+    flat[tissue] = 0.65
+    low = segment(Volume(flat, vol.affine, vol.meta), doc, model=ThresholdModel(), window="0.5,1", zoom=None,
+                  config=PropagationConfig(stride=stride))
+    assert "not the object" not in low.objects[0]["stopped"]["up"]
