@@ -455,6 +455,9 @@ def _chain_vote(encoder: SliceEncoder, result: ObjectResult, start, keys, config
     (:func:`_track_shift`). On low-contrast CT the model fills whatever box it is given, so
     only the image can tell that the tumour drifted (sts001-ct: 0.782 -> 0.831; with the
     reference's box centres, 0.856).
+
+    With a 2D box (no z_range) the chains walk the slices the sections found, as with a 3D box
+    (cached embeddings, 8 cases, 2D box: mean Dice CT 0.814 -> 0.841, MR 0.739 -> 0.756).
     """
     I, J, _ = encoder.images.shape
     slices = result.slices
