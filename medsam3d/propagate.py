@@ -14,8 +14,9 @@ Each prompted slice's final mask is the majority over its box grown by 0-3 pixel
 (:func:`_prompt_ensemble`), so it does not depend on how tightly the box was drawn.
 
 Box chains with two margins, each once with a fixed box and once with a box moved with the
-image (:func:`_track_shift`), then walk the slices the sections segmented, and each slice keeps the pixels that most of the five agree on
-(:func:`_chain_vote`, ``PropagationConfig.chain_vote``, ``chain_track``): chains follow a
+image (:func:`_track_shift`), then walk the slices the sections segmented (given by the
+z_range, or found by the sections for a 2D box), and each slice keeps the pixels that most
+of the five agree on (:func:`_chain_vote`, ``PropagationConfig.chain_vote``, ``chain_track``): chains follow a
 tumour that drifts sideways out of the sections, the sections stop a chain's errors from
 piling up.
 
