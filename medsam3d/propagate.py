@@ -266,7 +266,8 @@ def _content_check(image: np.ndarray, mask: np.ndarray, config: PropagationConfi
     if around.size == 0:
         return None
     contrast = float(np.median(inside) - np.median(around))
-    spread = float(np.hypot(*(np.subtract(*np.percentile(v, [75, 25])) / 1.349 for v in (inside, around))) / np.sqrt(2))
+    iqr_in, iqr_around = (float(np.subtract(*np.percentile(v, [75, 25]))) for v in (inside, around))
+    spread = np.sqrt((iqr_in**2 + iqr_around**2) / 2) / 1.349  # pooled robust standard deviation
     if abs(contrast) < config.content_min_cnr * max(spread, 1e-6):
         return None
     base = float(np.median(around))
@@ -370,6 +371,7 @@ def _orthogonal_pass(encoder: SliceEncoder, obj: ObjectPrompt, result: ObjectRes
     lo, hi = (obj.z_range if obj.z_range else (min(boxes, default=start.slice), max(boxes, default=start.slice)))
     slices = {k: result.slices[k] for k in keys}
     empty: set[int] = set()
+    foreign: set[int] = set()  # slices whose mask failed the content check (also in ``empty``)
     stride = max(1, int(config.stride))
     holds = None if obj.z_range else _content_check(encoder.images[..., start.slice], slices[start.slice].mask, config)
 
@@ -387,8 +389,12 @@ def _orthogonal_pass(encoder: SliceEncoder, obj: ObjectPrompt, result: ObjectRes
         box = expand_box(slice_box(k), (I, J), config.margin_frac, config.margin_min)
         masks, scores = encoder.predict(k, np.array([box]), direction * stride, (lo, hi), blend=blend)
         mask = _largest_2d_component(masks[0])
-        if mask.sum() < config.min_area_px or (holds and not holds(encoder.images[..., k], mask)):
+        if mask.sum() < config.min_area_px:
             empty.add(k)  # no object here (without a z_range, this ends it)
+            return False
+        if holds and not holds(encoder.images[..., k], mask):
+            empty.add(k)
+            foreign.add(k)
             return False
         slices[k] = SliceResult(mask, float(scores[0]), box)
         return True
@@ -425,7 +431,8 @@ def _orthogonal_pass(encoder: SliceEncoder, obj: ObjectPrompt, result: ObjectRes
                 if not run(t, direction, blend):
                     k = t
                     break
-            result.stop_reasons[side] = f"empty mask{'' if holds is None else ' or not the object'} at slice {k}"
+            what = "a mask unlike the prompted slice's object" if k in foreign else "empty mask"
+            result.stop_reasons[side] = f"{what} at slice {k}"
             break
     _fill_gaps(slices, empty, encoder.used, run, slice_box, (I, J), config, blend)
     result.slices = slices
