@@ -12,7 +12,7 @@ Methods
              (whole slice, batch 1, PyTorch), next box = previous mask's box + 5 px,
              falling back to the original box when a mask is empty.
   ours-3d  : medsam3d with the same prompt (middle-slice box + z_range), default settings
-             (orthogonal guidance, stride 3, chain vote; ONNX Runtime encoder on a CPU,
+             (orthogonal guidance, stride 3, chain vote; ONNX Runtime encoder and decoder on a CPU,
              batches of 8 slices with PyTorch on a GPU).
   ours-2d  : medsam3d with one tight 2D box on the slice where the tumour is largest,
              no z range (the realistic prompt).

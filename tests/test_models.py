@@ -41,14 +41,20 @@ def test_litemedsam_segments_a_bright_disc(litemedsam):
     assert scores[0] > 0.5
 
 
-def test_onnx_and_torch_encoders_agree(litemedsam):
+def test_onnx_and_torch_models_agree(litemedsam):
     if litemedsam.runtime != "onnxruntime":
-        pytest.skip("onnxruntime is not installed: the torch encoder is the only one")
+        pytest.skip("onnxruntime is not installed: the torch encoder and decoder are the only ones")
     torch_model = load_model("litemedsam", device="cpu", runtime="torch")
-    image = np.random.default_rng(1).random((120, 100)).astype(np.float32)
-    a = litemedsam.encode([image])[0][0]
-    b = torch_model.encode([image])[0][0]
-    assert torch.allclose(a, b, atol=1e-4)
+    yy, xx = np.mgrid[:120, :100]
+    image = (0.3 * np.random.default_rng(1).random((120, 100)) + 0.5 * (((yy - 60) ** 2 + (xx - 45) ** 2) < 25**2))
+    a = litemedsam.encode([image.astype(np.float32)])[0]
+    b = torch_model.encode([image.astype(np.float32)])[0]
+    assert torch.allclose(a[0], b[0], atol=1e-4)
+    boxes = np.array([[30, 15, 90, 75], [33, 18, 87, 72], [5, 5, 40, 40]])
+    masks_a, scores_a = litemedsam.decode(a, boxes)  # the ONNX decoder, batched
+    masks_b, scores_b = torch_model.decode(a, boxes)  # the PyTorch decoder on the same embedding
+    assert masks_a[0].sum() > 1000 and np.abs(scores_a - scores_b).max() < 1e-4
+    assert all((ma != mb).sum() <= 2 for ma, mb in zip(masks_a, masks_b))
 
 
 def test_a_batch_encodes_as_its_images_one_by_one(litemedsam):
