@@ -108,6 +108,10 @@ class PropagationConfig:
     #: ``content_min_rel`` of that contrast (see :func:`_content_check`); 0 turns this off
     content_min_cnr: float = 1.5
     content_min_rel: float = 0.5
+    #: a fainter object (at least this x the spread) ends where a slice's mask holds less than
+    #: ``content_weak_rel`` of the contrast (negative: the contrast is reversed); 0 turns this off
+    content_weak_cnr: float = 0.5
+    content_weak_rel: float = -0.5
     #: voxel size (mm) along i, j, k, set by the pipeline from the volume
     voxel_mm: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
@@ -253,13 +257,22 @@ def _content_check(image: np.ndarray, mask: np.ndarray, config: PropagationConfi
     (breast1 with a 2D box: 22 and 21 px on the slices either side of the lesion, scored almost as
     high as the lesion's own slices). The test: the mask's median intensity must lie at least
     ``config.content_min_rel`` of the way from the prompted slice's ring median to its inside
-    median. It applies only where that contrast is at least ``config.content_min_cnr`` x the pooled
-    robust spread (IQR / 1.349) of inside and ring: on low-contrast tumours (the CT sarcomas,
-    contrast-to-noise 0.1-0.3) the medians say nothing.
+    median. It applies where that contrast is at least ``config.content_min_cnr`` x the pooled
+    robust spread (IQR / 1.349) of inside and ring. A fainter object (at least
+    ``config.content_weak_cnr`` x the spread) gets the weaker test ``config.content_weak_rel``:
+    past its end the mask's contrast is reversed (brain2 with a 2D box: a lesion 0.65x the
+    spread brighter than its ring, and masks of darker tissue on the slices past it, their
+    medians 1.4x the lesion's contrast below the ring). On the low-contrast sarcomas
+    (contrast-to-noise 0.07-0.53; sts010-mr is the one above 0.5, unchanged) the medians say
+    nothing, and neither test applies.
+
+    ``mask`` should be the prompted slice's best mask (the box ensemble's, see
+    :func:`_prompt_ensemble`): brain2's mask for the tight box alone (112 px of 227) had the
+    opposite contrast.
     """
     from scipy import ndimage
 
-    if config.content_min_cnr <= 0 or mask.sum() < config.min_area_px:
+    if max(config.content_min_cnr, config.content_weak_cnr) <= 0 or mask.sum() < config.min_area_px:
         return None
     ring = ndimage.binary_dilation(mask, iterations=3) & ~mask
     inside, around = image[mask], image[ring]
@@ -268,12 +281,17 @@ def _content_check(image: np.ndarray, mask: np.ndarray, config: PropagationConfi
     contrast = float(np.median(inside) - np.median(around))
     iqr_in, iqr_around = (float(np.subtract(*np.percentile(v, [75, 25]))) for v in (inside, around))
     spread = np.sqrt((iqr_in**2 + iqr_around**2) / 2) / 1.349  # pooled robust standard deviation
-    if abs(contrast) < config.content_min_cnr * max(spread, 1e-6):
+    cnr = abs(contrast) / max(spread, 1e-6)
+    if cnr >= config.content_min_cnr > 0:
+        min_rel = config.content_min_rel
+    elif cnr >= config.content_weak_cnr > 0:
+        min_rel = config.content_weak_rel
+    else:
         return None
     base = float(np.median(around))
 
     def holds(slice_image: np.ndarray, slice_mask: np.ndarray) -> bool:
-        return (float(np.median(slice_image[slice_mask])) - base) / contrast >= config.content_min_rel
+        return (float(np.median(slice_image[slice_mask])) - base) / contrast >= min_rel
 
     return holds
 
@@ -294,6 +312,7 @@ def propagate(encoder: SliceEncoder, objects: Sequence[ObjectPrompt], config: Pr
             masks, scores = encoder.predict(k, np.array([prompt.box]), 0, (lo, hi))
             mask = masks[0] & _box_mask(expand_box(prompt.box, (I, J), 0.0, config.margin_min), (I, J))
             result.slices[k] = SliceResult(mask, float(scores[0]), prompt.box)
+        ensemble = _prompt_ensemble(encoder, keys, config)
         for direction in (+1, -1) if not config.orthogonal else ():  # the box chain
             prev = result.slices[start.slice]
             peak = max(int(prev.mask.sum()), 1)
@@ -322,18 +341,20 @@ def propagate(encoder: SliceEncoder, objects: Sequence[ObjectPrompt], config: Pr
                 k += direction
             result.stop_reasons["up" if direction > 0 else "down"] = reason
         if config.orthogonal:
-            _orthogonal_pass(encoder, obj, result, start, keys, config)
+            _orthogonal_pass(encoder, obj, result, start, keys, config,
+                             key_mask=ensemble.get(start.slice, result.slices[start.slice].mask))
             if config.chain_vote:
                 _chain_vote(encoder, result, start, keys, config)
-        if config.prompt_ensemble:
-            _prompt_ensemble(encoder, result, keys, config)
+        for k, mask in ensemble.items():
+            result.slices[k].mask = mask
         log.info("object '%s': slices %d..%d (%s; %s)", obj.name, min(result.slices), max(result.slices),
                  result.stop_reasons["down"], result.stop_reasons["up"])
         results.append(result)
     return results
 
 
-def _orthogonal_pass(encoder: SliceEncoder, obj: ObjectPrompt, result: ObjectResult, start, keys, config) -> None:
+def _orthogonal_pass(encoder: SliceEncoder, obj: ObjectPrompt, result: ObjectResult, start, keys, config,
+                     key_mask: np.ndarray) -> None:
     """Re-segment every slice with a box read from orthogonal sections (replaces the chain's boxes).
 
     With a ``z_range`` the sections span it; otherwise they start from the key box's largest
@@ -373,7 +394,7 @@ def _orthogonal_pass(encoder: SliceEncoder, obj: ObjectPrompt, result: ObjectRes
     empty: set[int] = set()
     foreign: set[int] = set()  # slices whose mask failed the content check (also in ``empty``)
     stride = max(1, int(config.stride))
-    holds = None if obj.z_range else _content_check(encoder.images[..., start.slice], slices[start.slice].mask, config)
+    holds = None if obj.z_range else _content_check(encoder.images[..., start.slice], key_mask, config)
 
     def slice_box(k: int) -> tuple[int, int, int, int]:
         # inside a given range, a slice the sections missed reuses the nearest box towards the key slice
@@ -574,7 +595,7 @@ def _shift_box(box, shift: tuple[int, int], shape: tuple[int, int]):
     return i0 + di, j0 + dj, i1 + di, j1 + dj
 
 
-def _prompt_ensemble(encoder: SliceEncoder, result: ObjectResult, keys, config: PropagationConfig) -> None:
+def _prompt_ensemble(encoder: SliceEncoder, keys, config: PropagationConfig) -> dict[int, np.ndarray]:
     """Each prompted slice's final mask: the per-pixel majority (at least half) of the masks for
     the user's box grown by each of ``config.prompt_ensemble`` pixels, within the largest box.
 
@@ -583,15 +604,18 @@ def _prompt_ensemble(encoder: SliceEncoder, result: ObjectResult, keys, config: 
     small lesion is much of it (brain2: Dice 0.74 on its middle slice with the tight box, 0.92
     with 2 px more). The majority does not depend on how tight the box was drawn. The
     propagation itself starts from the box as given: starting it from the ensemble's mask
-    made the box chains grow on low-contrast CT.
+    made the box chains grow on low-contrast CT. Computed before the walk (the content check
+    reads the key slice's contrast on it) and applied after it; empty when the ensemble is off.
     """
     I, J, _ = encoder.images.shape
     grow = sorted(int(g) for g in config.prompt_ensemble)
-    for k, prompt in keys.items():
+    out = {}
+    for k, prompt in keys.items() if grow else ():
         boxes = [expand_box(prompt.box, (I, J), 0.0, g) if g > 0 else prompt.box for g in grow]
         masks, _ = encoder.predict(k, np.array(boxes))
         limit = _box_mask(expand_box(boxes[-1], (I, J), 0.0, config.margin_min), (I, J))
-        result.slices[k].mask = (2 * masks.sum(axis=0) >= len(boxes)) & limit
+        out[k] = (2 * masks.sum(axis=0) >= len(boxes)) & limit
+    return out
 
 
 def _cap_box(box, limit, slack: float):

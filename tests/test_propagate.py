@@ -7,7 +7,7 @@ from medsam3d import PromptError, Volume
 from medsam3d.fuse import fuse
 from medsam3d.pipeline import segment
 from medsam3d.prompts import BoxPrompt, ObjectPrompt
-from medsam3d.propagate import PropagationConfig, SliceEncoder, _track_shift, propagate
+from medsam3d.propagate import PropagationConfig, SliceEncoder, _content_check, _track_shift, propagate
 
 from synthetic import BlendingThresholdModel, ThresholdModel, TightBoxModel, ellipsoid, visible
 
@@ -433,3 +433,26 @@ def test_a_conspicuous_object_ends_where_its_contents_change(stride):
     low = segment(Volume(flat, vol.affine, vol.meta), doc, model=ThresholdModel(), window="0.5,1", zoom=None,
                   config=PropagationConfig(stride=stride))
     assert "unlike the prompted" not in low.objects[0]["stopped"]["up"]
+
+
+@pytest.mark.parametrize("noise, tier", [(0.02, "strong"), (0.1, "weak"), (0.4, None)])
+def test_the_content_check_has_a_strong_and_a_weak_tier(noise, tier):
+    # an object 0.1 brighter than the ring around it, with noise: contrast-to-noise about 5, 1 and 0.25
+    yy, xx = np.mgrid[:48, :48]
+    disc = (yy - 24) ** 2 + (xx - 24) ** 2 < 10**2
+    rng = np.random.default_rng(0)
+    key = np.where(disc, 0.6, 0.5) + rng.normal(0, noise, disc.shape)
+    holds = _content_check(key, disc, PropagationConfig())
+    if tier is None:  # the medians say nothing about so faint an object
+        assert holds is None
+        return
+
+    def slice_with(inside):
+        return np.where(disc, inside, 0.5) + rng.normal(0, noise, disc.shape)
+
+    assert holds(slice_with(0.6), disc)  # the object goes on
+    assert not holds(slice_with(0.4), disc)  # darker than the object's surroundings: another tissue
+    # a mask a third of the way from the ring to the object: the strong tier (>= half) ends there,
+    # the weak one (contrast reversed by at least half) does not
+    assert holds(slice_with(0.533), disc) == (tier == "weak")
+    assert _content_check(key, disc, PropagationConfig(content_min_cnr=0, content_weak_cnr=0)) is None
