@@ -139,7 +139,7 @@ class LiteMedSAM:
 
 
 def cache_dir() -> Path:
-    """Where derived files (the ONNX exports of the encoder and decoder) live: ``$MEDSAM3D_CACHE`` or the user cache."""
+    """Where derived files (the ONNX exports of encoder and decoder) live: ``$MEDSAM3D_CACHE`` or the user cache."""
     import os
 
     root = os.environ.get("MEDSAM3D_CACHE") or os.path.join(
@@ -174,7 +174,7 @@ def _onnx_sessions(net, decoder, sha256: str, required: bool):
 
     The export is a local conversion of the weights in hand (nothing is downloaded); it is
     cached under :func:`cache_dir` keyed by the weights' SHA-256 and written atomically. On a
-    2-core CPU the encoder runs about 2x and the decoder about 1.6x faster than in PyTorch, with
+    2-core CPU the encoder runs about 2x and the decoder about 1.5x faster than in PyTorch, with
     logits within 1e-4. Returns None (torch is used) when onnxruntime is missing or an export fails.
     """
     try:
@@ -189,7 +189,8 @@ def _onnx_sessions(net, decoder, sha256: str, required: bool):
         "encoder": (net.image_encoder, (torch.zeros(1, 3, INPUT, INPUT),), ["image"], ["embedding"],
                     {"image": {0: "batch"}, "embedding": {0: "batch"}}),
         "decoder": (decoder, (torch.zeros(1, 256, 64, 64), torch.tensor([[8.0, 8.0, 40.0, 40.0]])),
-                    ["embedding", "boxes"], ["logits", "iou"], {"boxes": {0: "n"}, "logits": {0: "n"}, "iou": {0: "n"}}),
+                    ["embedding", "boxes"], ["logits", "iou"],
+                    {"boxes": {0: "n"}, "logits": {0: "n"}, "iou": {0: "n"}}),
     }
     sessions = []
     try:
@@ -210,7 +211,8 @@ def _onnx_sessions(net, decoder, sha256: str, required: bool):
             sessions.append(ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]))
     except Exception as exc:  # any export/runtime problem: fall back to torch, loudly
         if required:
-            raise ModelError(f"expected to build the ONNX models, found an error ({exc}); use runtime 'torch'") from None
+            raise ModelError(f"expected to build the ONNX models, found an error ({exc}); "
+                             "use runtime 'torch'") from None
         log.warning("ONNX Runtime unavailable (%s); using torch", exc)
         return None
     return tuple(sessions)
