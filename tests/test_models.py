@@ -55,6 +55,9 @@ def test_onnx_and_torch_models_agree(litemedsam):
     masks_b, scores_b = torch_model.decode(a, boxes)  # the PyTorch decoder on the same embedding
     assert masks_a[0].sum() > 1000 and np.abs(scores_a - scores_b).max() < 1e-4
     assert all((ma != mb).sum() <= 2 for ma, mb in zip(masks_a, masks_b))
+    for model in (litemedsam, torch_model):  # no boxes: no masks (not an error deep in the decoder)
+        masks, scores = model.decode(a, np.zeros((0, 4)))
+        assert masks.shape == (0, 120, 100) and scores.shape == (0,)
 
 
 def test_a_batch_encodes_as_its_images_one_by_one(litemedsam):

@@ -125,6 +125,8 @@ class LiteMedSAM:
         torch = self._torch
         embedding, (nh, nw), (h, w) = features
         boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+        if not len(boxes):  # neither decoder takes an empty batch
+            return np.zeros((0, h, w), bool), np.zeros(0, np.float32)
         scale = INPUT / max(h, w)
         with torch.inference_mode():
             if self._ort_decoder is not None:

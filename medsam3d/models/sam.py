@@ -53,6 +53,8 @@ class _SamFamily:
 
     def _decode(self, embedding, boxes_model: np.ndarray, crop_hw, out_hw):
         torch = self._torch
+        if not len(boxes_model):  # the decoder does not take an empty batch
+            return np.zeros((0, *out_hw), bool), np.zeros(0, np.float32)
         box_t = torch.as_tensor(boxes_model, dtype=torch.float32, device=self.device)[:, None, :]
         with torch.inference_mode():
             sparse, dense = self.net.prompt_encoder(points=None, boxes=box_t, masks=None)
