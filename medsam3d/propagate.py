@@ -16,13 +16,17 @@ Each prompted slice's final mask is the majority over its box grown by 0-3 pixel
 Box chains with two margins, each once with a fixed box and once with a box moved with the
 image (:func:`_track_shift`), then walk the slices the sections segmented (given by the
 z_range, or found by the sections for a 2D box), and each slice keeps the pixels that most
-of the five agree on (:func:`_chain_vote`, ``PropagationConfig.chain_vote``, ``chain_track``): chains follow a
-tumour that drifts sideways out of the sections, the sections stop a chain's errors from
-piling up.
+of the five agree on (:func:`_chain_vote`, ``PropagationConfig.chain_vote``, ``chain_track``):
+chains follow a tumour that drifts sideways out of the sections, the sections stop a chain's
+errors from piling up.
+
+Without a z_range an object that stands out from its surroundings on the prompted slice
+also ends where a slice's mask no longer holds what it held there (:func:`_content_check`).
 
 The box chain (with ``orthogonal=False`` only): from each object's prompted slice (the one
-with the largest box first) the engine walks outwards in both directions. The next slice's box is the previous mask's bounding box
-plus a margin; a prompted slice on the way uses its own box. An object ends on evidence:
+with the largest box first) the engine walks outwards in both directions. The next slice's
+box is the previous mask's bounding box plus a margin; a prompted slice on the way uses its
+own box. An object ends on evidence:
 
 * an empty mask, or a small one (below ``min_area_frac`` of the largest area seen so
   far) that the model is also less sure of (score below ``tail_score_frac`` x the
@@ -121,8 +125,8 @@ class PropagationConfig:
         at the key box's centre only, with the vote's chains capped at 2x the sections' box (one
         central pair of sections sees a chord of the object off its centre; with the default cap
         the volumes ran 8-12 % low). On a 2-core CPU, 3D box, 8 cases: mean Dice CT 0.834, MR 0.823
-        against the defaults' 0.845 and 0.829, in about half their time and 0.25-0.33x the naive
-        loop's (see the README's benchmark)."""
+        against the defaults' 0.845 and 0.829, in about half their time: 0.25-0.26x (CT) and
+        0.29-0.30x (MR) of the naive loop's, summed over the cases (see the README's benchmark)."""
         settings = dict(blend_embeddings=True, stride=4, section_positions_3d=(0.5,), chain_cap_3d=1.0)
         settings.update(changes)
         return cls(**settings)
@@ -639,7 +643,8 @@ def _fill_gaps(slices: dict[int, SliceResult], empty: set[int], used, run, slice
     the skipped slices get the shape-based (signed distance) interpolation of the two masks,
     clipped to their own box from the sections; otherwise the middle slice is encoded and
     segmented and both halves are checked again. Slices already ``used`` (encoded and asked
-    for by a walk) are always segmented. Interpolated slices are marked (score = the lower of the two neighbours' scores).
+    for by a walk) are always segmented. Interpolated slices are marked (score = the lower of
+    the two neighbours' scores).
 
     With ``blend`` (``config.blend_embeddings`` and a model that can blend) nothing more is
     encoded here: where the neighbours disagree, the middle slice (and, past an empty middle,
