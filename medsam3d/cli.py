@@ -65,6 +65,9 @@ def _get_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast", action="store_true",
                    help="the speed preset: blended embeddings, stride 4, fewer sections with a 3D box (about half "
                         "the time of the defaults on a CPU, lower accuracy; see the README)")
+    p.add_argument("--taper", type=_non_negative_float, default=2.0, metavar="POWER",
+                   help="shrink each object's end slices to what an ellipsoid of its extent could hold (a prior "
+                        "for tumours; POWER 2: an ellipsoid, larger: flatter; 0 turns it off, e.g. for organs)")
     p.add_argument("--measure", action="store_true", help="add shape measurements to the report")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_segment)
@@ -145,6 +148,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, found {text!r}")
+    return value
+
+
 def _cmd_segment(args: argparse.Namespace) -> int:
     from .io import LABEL_SUFFIXES, load, save
     from .io._atomic import atomic_path, full_suffix
@@ -180,7 +193,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     try:
         result = segment(volume, objects, model_name=args.model, checkpoint=args.checkpoint, device=args.device,
                          window=args.window, modality=args.modality, overlap=args.overlap,
-                         zoom=None if args.no_zoom else 1.0, stride=args.stride, progress=progress,
+                         zoom=None if args.no_zoom else 1.0, stride=args.stride, taper=args.taper, progress=progress,
                          config=PropagationConfig.fast() if args.fast
                          else PropagationConfig(blend_embeddings=args.blend_embeddings))
     finally:

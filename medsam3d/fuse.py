@@ -35,10 +35,55 @@ def fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
     return out
 
 
+def taper_ends(mask: np.ndarray, power: float = 2.0, spacing: tuple[float, float] = (1.0, 1.0),
+               bounds: tuple[int, int] | None = None, min_slices: int = 5) -> np.ndarray:
+    """Shrink an object's slices near its two ends to what an ellipsoid of its extent could hold there.
+
+    A box-prompted model keeps most of a tumour's cross-section up to its last slices: the box comes
+    from the neighbouring slice and the tumour's faint pole looks like its middle. Here an object
+    whose largest slice mask holds A pixels, with its middle at slice c and its first and last
+    slices z0 and z1, may hold at most ``A (1 - |k - c| / R) ** power`` pixels on slice k, where
+    R = (z1 - z0) / 2 + 1 reaches the next slice beyond each end. With ``power`` 2 that is the
+    largest ellipsoid with the object's extent and largest cross-section: wherever an ellipsoid's
+    pole lies between the last slice and the next, none of it is cut; a larger power allows a
+    flatter profile. A larger slice mask loses its outer rim (the pixels nearest its edge, in mm
+    along i and j) down to that area; nothing grows.
+
+    Only an object whose two ends were found inside the slices it could occupy is changed: one that
+    reaches a ``bounds`` slice (default: the volume's first and last; the pipeline passes a prompt's
+    ``z_range``) may be cut off there by the field of view or by the user, and its ends are not
+    its poles. Objects of fewer than ``min_slices`` slices are left alone too.
+    """
+    from scipy import ndimage
+
+    ks = np.flatnonzero(mask.any(axis=(0, 1)))
+    lo, hi = bounds if bounds is not None else (0, mask.shape[2] - 1)
+    if len(ks) < min_slices or ks[0] <= lo or ks[-1] >= hi:
+        return mask
+    areas = mask.sum(axis=(0, 1))
+    centre, reach = (ks[0] + ks[-1]) / 2, (ks[-1] - ks[0]) / 2 + 1
+    out = mask.copy()
+    for k in ks:
+        allowed = areas.max() * (1.0 - (abs(k - centre) / reach) ** power)
+        if areas[k] <= allowed:
+            continue
+        if allowed < 1:
+            out[:, :, k] = False
+            continue
+        depth = ndimage.distance_transform_edt(mask[:, :, k], sampling=spacing)
+        out[:, :, k] = depth >= np.sort(depth[mask[:, :, k]])[::-1][int(allowed) - 1]
+    return out
+
+
 def fuse(masks: Sequence[np.ndarray], scores: Sequence[np.ndarray], labels: Sequence[int], *,
-         overlap: str = "score", keep_largest: bool = True, fill_holes: bool = True
-         ) -> tuple[np.ndarray, dict[int, int]]:
+         overlap: str = "score", keep_largest: bool = True, fill_holes: bool = True,
+         taper: float | None = None, spacing: tuple[float, float] = (1.0, 1.0),
+         bounds: Sequence[tuple[int, int] | None] | None = None) -> tuple[np.ndarray, dict[int, int]]:
     """Combine per-object 3D masks into one label array.
+
+    Each object's mask is first cleaned: holes filled per slice, the largest connected component
+    kept, then (with a ``taper`` power) its ends shrunk by :func:`taper_ends` (``spacing``: the
+    in-plane voxel size in mm; ``bounds``: per object, the slices it was confined to, or None).
 
     ``scores`` holds, per object, a (K,) array of per-slice model scores used by the
     ``score`` policy (a voxel claimed by two objects goes to the one whose slice scored
@@ -48,11 +93,13 @@ def fuse(masks: Sequence[np.ndarray], scores: Sequence[np.ndarray], labels: Sequ
     if overlap not in OVERLAP_POLICIES:
         raise PromptError(f"expected an overlap policy among {OVERLAP_POLICIES}, found {overlap!r}")
     cleaned = []
-    for mask in masks:
+    for n, mask in enumerate(masks):
         if fill_holes:
             mask = fill_holes_per_slice(mask)
         if keep_largest and mask.any():
             mask = largest_component(mask)
+        if taper:
+            mask = taper_ends(mask, taper, spacing, bounds[n] if bounds else None)
         cleaned.append(mask)
     shape = cleaned[0].shape if cleaned else (0, 0, 0)
     out = np.zeros(shape, np.uint16 if max(labels, default=0) > 255 else np.uint8)

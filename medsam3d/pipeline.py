@@ -97,8 +97,8 @@ def _to_working(objects: Sequence[ObjectPrompt], reo) -> list[ObjectPrompt]:
 
 def segment(volume: Volume, prompts, *, model=None, model_name: str = "litemedsam", checkpoint=None,
             device: str = "auto", window: str | None = None, modality: str | None = None,
-            overlap: str = "score", keep_largest: bool = True, fill_holes: bool = True, zoom: float | None = 1.0,
-            stride: int | None = None, config: PropagationConfig | None = None,
+            overlap: str = "score", keep_largest: bool = True, fill_holes: bool = True, taper: float | None = 2.0,
+            zoom: float | None = 1.0, stride: int | None = None, config: PropagationConfig | None = None,
             progress: Callable[[int, int, str], None] | None = None) -> SegmentationResult:
     """Segment every prompted object of ``volume`` in 3D.
 
@@ -115,6 +115,13 @@ def segment(volume: Volume, prompts, *, model=None, model_name: str = "litemedsa
         or ``percentile``; default: chosen from the modality.
     overlap : {"score", "first", "last", "error"}
         Who gets a voxel claimed by two objects.
+    taper : float or None
+        Shrink each object's slices near its two ends to what an ellipsoid of its extent and largest
+        cross-section could hold there (this power: 2 an ellipsoid, larger flatter; see
+        :func:`medsam3d.fuse.taper_ends`). A prior for tumours, whose poles the model
+        over-segments. It changes only objects whose two ends the engine found itself, not at the
+        volume's edge nor at their ``z_range``'s. None or 0 turns it off (advised for organs, or
+        any object that is not roughly ellipsoidal).
     zoom : float or None
         Encode a crop around the prompts, each side extended by ``zoom`` x the box size
         (None: whole slices). Small objects in large slices gain resolution.
@@ -128,6 +135,8 @@ def segment(volume: Volume, prompts, *, model=None, model_name: str = "litemedsa
     from .models import load_model
 
     t0 = time.perf_counter()
+    if taper is not None and not 0 <= float(taper) < float("inf"):
+        raise Medsam3dError(f"expected a taper power >= 0 (0 or None: off), found {taper}")
     objects = prompts_from(prompts, volume)
     if model is None:
         model = load_model(model_name, checkpoint=checkpoint, device=device)
@@ -151,7 +160,8 @@ def segment(volume: Volume, prompts, *, model=None, model_name: str = "litemedsa
     results = propagate(encoder, work_objects, config)
     masks, scores = _object_masks(results, images.shape)
     fused, lost = fuse(masks, scores, [o.label for o in work_objects], overlap=overlap,
-                       keep_largest=keep_largest, fill_holes=fill_holes)
+                       keep_largest=keep_largest, fill_holes=fill_holes, taper=taper,
+                       spacing=tuple(working.spacing[:2]), bounds=[o.z_range for o in work_objects])
     labels_array = reo.invert(fused)
     segments = {o.label: {"name": o.name, "color": _color(o.label)} for o in objects}
     labels = Volume(labels_array, volume.affine, {"segments": segments, "image_source": volume.meta.get("source"),
@@ -176,6 +186,7 @@ def segment(volume: Volume, prompts, *, model=None, model_name: str = "litemedsa
     return SegmentationResult(labels, summary, win, model_info, seconds, encoder.encoded,
                               {"encoded_sections": encoder.sections_encoded,
                                "overlap": overlap, "keep_largest": keep_largest, "fill_holes": fill_holes,
+                               "taper": taper or None,
                                "zoom": zoom, "crop": list(crop) if crop else None,
                                "propagation": dict(vars(config))})
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from medsam3d import PromptError, Volume
-from medsam3d.fuse import fuse
+from medsam3d.fuse import fuse, taper_ends
 from medsam3d.pipeline import segment
 from medsam3d.prompts import BoxPrompt, ObjectPrompt
 from medsam3d.propagate import PropagationConfig, SliceEncoder, _content_check, _track_shift, propagate
@@ -109,7 +109,8 @@ def test_short_z_range_skips_the_sections():
     obj = visible(ellipsoid((60, 60, 40), (30, 30, 20), (14, 11, 13)))
     for z_range, sections in (([19, 21], 0), ([18, 22], 6)):
         doc = {"version": 1, "objects": [{"slice": 20, "box": _box(obj[:, :, 20]), "z_range": z_range}]}
-        result = segment(_volume(obj), doc, model=ThresholdModel(), window="percentile", zoom=None)
+        # taper off: the z_range cuts the ellipsoid into a slab with flat ends
+        result = segment(_volume(obj), doc, model=ThresholdModel(), window="percentile", zoom=None, taper=None)
         assert result.settings["encoded_sections"] == sections
         got, want = result.labels.array == 1, obj.copy()
         want[:, :, : z_range[0]] = want[:, :, z_range[1] + 1 :] = False
@@ -176,8 +177,8 @@ def test_chain_vote_follows_a_drift():
     vol = _volume(obj)
     doc = {"version": 1, "objects": [{"slice": 15, "box": _box(obj[:, :, 15]), "z_range": [3, 26]}]}
 
-    def run(**kw):
-        result = segment(vol, doc, model=ThresholdModel(), window="percentile", zoom=None,
+    def run(**kw):  # taper off: a cylinder's ends are flat
+        result = segment(vol, doc, model=ThresholdModel(), window="percentile", zoom=None, taper=None,
                          config=PropagationConfig(stride=1, **kw))
         return result.labels.array == 1
 
@@ -325,6 +326,35 @@ def test_fusion_fills_holes_and_keeps_the_largest_component():
     m[17:19, 17:19, 1] = True  # a speck
     out, _ = fuse([m], [np.ones(6, np.float32)], [1])
     assert out[8, 8, 2] == 1 and out[18, 18, 1] == 0
+
+
+def test_taper_shrinks_swollen_ends_and_leaves_an_ellipsoid_alone():
+    ii, jj, kk = np.mgrid[0:40, 0:40, 0:24]
+    ell = ((ii - 20) / 14.0) ** 2 + ((jj - 20) / 12.0) ** 2 + ((kk - 12) / 9.5) ** 2 <= 1  # slices 3..21
+    kept = taper_ends(ell)
+    assert (kept <= ell).all() and kept.sum() >= 0.99 * ell.sum()
+    cyl = np.zeros((40, 40, 24), bool)
+    cyl[..., 4:20] = (((ii - 20) / 12.0) ** 2 + ((jj - 20) / 12.0) ** 2 <= 1)[..., 4:20]
+    out = taper_ends(cyl, 2.0, spacing=(0.8, 0.8))
+    areas, full = out.sum(axis=(0, 1)), cyl[..., 12].sum()
+    assert (out <= cyl).all() and areas[12] == full  # the middle is untouched, nothing grows
+    for k in (4, 6, 17, 19):  # slices 4..19: centre 11.5, reach 7.5 + 1
+        allowed = full * (1 - (abs(k - 11.5) / 8.5) ** 2)
+        assert 0 < areas[k] and abs(areas[k] - allowed) <= 0.05 * full  # pixels as deep as the last one stay
+        ii, jj = np.nonzero(out[..., k])  # the rim goes: what is left is centred where the slice was
+        assert abs(ii.mean() - 20) < 1 and abs(jj.mean() - 20) < 1
+    assert out.sum() < 0.9 * cyl.sum()
+    short = cyl.copy()
+    short[..., 8:] = False  # 4 slices: too short to say where its ends taper
+    assert (taper_ends(short) == short).all()
+    cut = cyl.copy()
+    cut[..., 0:4] = cyl[..., 4:8]  # reaches the first slice: cut off by the field of view
+    assert (taper_ends(cut) == cut).all()
+    assert (taper_ends(cyl, bounds=(4, 19)) == cyl).all()  # reaches its z_range: cut off by the user
+    labels, _ = fuse([cyl], [np.ones(24, np.float32)], [1], taper=None)
+    assert (labels == cyl).all()
+    labels, _ = fuse([cyl], [np.ones(24, np.float32)], [1], taper=2.0, spacing=(0.8, 0.8))
+    assert ((labels == 1) == out).all()
 
 
 def test_progress_callback_is_called():

@@ -146,6 +146,7 @@ def test_cli_segment_writes_output_and_report(tmp_path, capsys):
     (["--box", "57,57,100,109@23", "--window", "nonsense"], "LEVEL,WIDTH"),
     (["--box", "57,57,100,109@23", "--model", "medsam"], "--checkpoint PATH"),
     (["--box", "57,57,100,109@23", "--stride", "0"], "whole number >= 1"),
+    (["--box", "57,57,100,109@23", "--taper", "-1"], "number >= 0"),
 ])
 def test_cli_bad_prompts_exit_2_with_one_line(tmp_path, capsys, args, message):
     out = tmp_path / "labels.nii.gz"
