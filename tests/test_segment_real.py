@@ -77,7 +77,8 @@ def test_a_2d_box_finds_the_tumours_extent(litemedsam):
     lo, hi = result.objects[0]["slices"]
     # no leak past the tumour (16-36; its last 4 slices are small tapering ends, measured: 16-32)
     assert ks[0] - 1 <= lo and hi <= ks[-1] + 1 and hi - lo >= 14, (lo, hi, ks[0], ks[-1])
-    # measured 0.871 (61.27 mL vs 60.59); 0.854 before the chain vote ran without a z range
+    # measured 0.872 (60.74 mL vs 60.59; 0.871 and 61.27 mL before the tapered ends); 0.854 before the chain
+    # vote ran without a z range
     assert dice(pred, ref) >= 0.86, dice(pred, ref)
     assert result.objects[0]["volume_ml"] == pytest.approx(60.59, rel=0.05)
 
