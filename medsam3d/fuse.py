@@ -76,14 +76,9 @@ def taper_ends(mask: np.ndarray, power: float = 2.0, spacing: tuple[float, float
 
 
 def fuse(masks: Sequence[np.ndarray], scores: Sequence[np.ndarray], labels: Sequence[int], *,
-         overlap: str = "score", keep_largest: bool = True, fill_holes: bool = True,
-         taper: float | None = None, spacing: tuple[float, float] = (1.0, 1.0),
-         bounds: Sequence[tuple[int, int] | None] | None = None) -> tuple[np.ndarray, dict[int, int]]:
+         overlap: str = "score", keep_largest: bool = True, fill_holes: bool = True
+         ) -> tuple[np.ndarray, dict[int, int]]:
     """Combine per-object 3D masks into one label array.
-
-    Each object's mask is first cleaned: holes filled per slice, the largest connected component
-    kept, then (with a ``taper`` power) its ends shrunk by :func:`taper_ends` (``spacing``: the
-    in-plane voxel size in mm; ``bounds``: per object, the slices it was confined to, or None).
 
     ``scores`` holds, per object, a (K,) array of per-slice model scores used by the
     ``score`` policy (a voxel claimed by two objects goes to the one whose slice scored
@@ -93,13 +88,11 @@ def fuse(masks: Sequence[np.ndarray], scores: Sequence[np.ndarray], labels: Sequ
     if overlap not in OVERLAP_POLICIES:
         raise PromptError(f"expected an overlap policy among {OVERLAP_POLICIES}, found {overlap!r}")
     cleaned = []
-    for n, mask in enumerate(masks):
+    for mask in masks:
         if fill_holes:
             mask = fill_holes_per_slice(mask)
         if keep_largest and mask.any():
             mask = largest_component(mask)
-        if taper:
-            mask = taper_ends(mask, taper, spacing, bounds[n] if bounds else None)
         cleaned.append(mask)
     shape = cleaned[0].shape if cleaned else (0, 0, 0)
     out = np.zeros(shape, np.uint16 if max(labels, default=0) > 255 else np.uint8)

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .errors import Medsam3dError
-from .fuse import fuse
+from .fuse import fuse, taper_ends
 from .preprocess import Window, apply_window, choose_window
 from .prompts import BoxPrompt, ObjectPrompt, prompts_from
 from .propagate import ObjectResult, PropagationConfig, SliceEncoder, propagate
@@ -160,8 +160,13 @@ def segment(volume: Volume, prompts, *, model=None, model_name: str = "litemedsa
     results = propagate(encoder, work_objects, config)
     masks, scores = _object_masks(results, images.shape)
     fused, lost = fuse(masks, scores, [o.label for o in work_objects], overlap=overlap,
-                       keep_largest=keep_largest, fill_holes=fill_holes, taper=taper,
-                       spacing=tuple(working.spacing[:2]), bounds=[o.z_range for o in work_objects])
+                       keep_largest=keep_largest, fill_holes=fill_holes)
+    tapered = {}
+    for obj in work_objects if taper else ():
+        mask = fused == obj.label
+        removed = mask & ~taper_ends(mask, taper, tuple(working.spacing[:2]), obj.z_range)
+        fused[removed] = 0
+        tapered[obj.label] = int(removed.sum())
     labels_array = reo.invert(fused)
     segments = {o.label: {"name": o.name, "color": _color(o.label)} for o in objects}
     labels = Volume(labels_array, volume.affine, {"segments": segments, "image_source": volume.meta.get("source"),
@@ -179,6 +184,7 @@ def segment(volume: Volume, prompts, *, model=None, model_name: str = "litemedsa
             "mean_score": round(float(np.mean([s.score for s in res.slices.values()])), 4),
             "interpolated_slices": sorted(int(k) for k, s in res.slices.items() if s.interpolated),
             "stopped": res.stop_reasons, "voxels_lost_to_overlap": lost.get(obj.label, 0),
+            "voxels_removed_by_taper": tapered.get(obj.label, 0),
         })
     model_info = {"name": model.name, "device": model.device, "weights_sha256": model.weights_sha256,
                   "checkpoint": getattr(model, "checkpoint", None), "runtime": getattr(model, "runtime", "torch")}

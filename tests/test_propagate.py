@@ -351,10 +351,13 @@ def test_taper_shrinks_swollen_ends_and_leaves_an_ellipsoid_alone():
     cut[..., 0:4] = cyl[..., 4:8]  # reaches the first slice: cut off by the field of view
     assert (taper_ends(cut) == cut).all()
     assert (taper_ends(cyl, bounds=(4, 19)) == cyl).all()  # reaches its z_range: cut off by the user
-    labels, _ = fuse([cyl], [np.ones(24, np.float32)], [1], taper=None)
-    assert (labels == cyl).all()
-    labels, _ = fuse([cyl], [np.ones(24, np.float32)], [1], taper=2.0, spacing=(0.8, 0.8))
-    assert ((labels == 1) == out).all()
+    # in the pipeline (on by default, in mm on the working grid) and in the report
+    doc = {"version": 1, "objects": [{"slice": 12, "box": _box(cyl[:, :, 12])}]}
+    plain = segment(_volume(cyl), doc, model=ThresholdModel(), window="percentile", zoom=None, taper=None)
+    tapered = segment(_volume(cyl), doc, model=ThresholdModel(), window="percentile", zoom=None)
+    assert np.array_equal(plain.labels.array == 1, cyl) and plain.objects[0]["voxels_removed_by_taper"] == 0
+    assert np.array_equal(tapered.labels.array == 1, out) and tapered.settings["taper"] == 2.0
+    assert tapered.objects[0]["voxels_removed_by_taper"] == cyl.sum() - out.sum() > 0
 
 
 def test_progress_callback_is_called():
