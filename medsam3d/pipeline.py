@@ -135,8 +135,8 @@ def segment(volume: Volume, prompts, *, model=None, model_name: str = "litemedsa
     from .models import load_model
 
     t0 = time.perf_counter()
-    if taper is not None and not 0 <= float(taper) < float("inf"):
-        raise Medsam3dError(f"expected a taper power >= 0 (0 or None: off), found {taper}")
+    if taper is not None and not (isinstance(taper, (int, float)) and 0 <= taper < float("inf")):
+        raise Medsam3dError(f"expected a taper power >= 0 (0 or None: off), found {taper!r}")
     objects = prompts_from(prompts, volume)
     if model is None:
         model = load_model(model_name, checkpoint=checkpoint, device=device)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from medsam3d import PromptError, Volume
+from medsam3d import Medsam3dError, PromptError, Volume
 from medsam3d.fuse import fuse, taper_ends
 from medsam3d.pipeline import segment
 from medsam3d.prompts import BoxPrompt, ObjectPrompt
@@ -358,6 +358,9 @@ def test_taper_shrinks_swollen_ends_and_leaves_an_ellipsoid_alone():
     assert np.array_equal(plain.labels.array == 1, cyl) and plain.objects[0]["voxels_removed_by_taper"] == 0
     assert np.array_equal(tapered.labels.array == 1, out) and tapered.settings["taper"] == 2.0
     assert tapered.objects[0]["voxels_removed_by_taper"] == cyl.sum() - out.sum() > 0
+    for bad in (-1, float("nan"), "x"):
+        with pytest.raises(Medsam3dError, match="taper power >= 0"):
+            segment(_volume(cyl), doc, model=ThresholdModel(), taper=bad)
 
 
 def test_progress_callback_is_called():
