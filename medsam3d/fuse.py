@@ -45,9 +45,10 @@ def taper_ends(mask: np.ndarray, power: float = 2.0, spacing: tuple[float, float
     slices z0 and z1, may hold at most ``A (1 - |k - c| / R) ** power`` pixels on slice k, where
     R = (z1 - z0) / 2 + 1 reaches the next slice beyond each end. With ``power`` 2 that is the
     largest ellipsoid with the object's extent and largest cross-section: wherever an ellipsoid's
-    pole lies between the last slice and the next, none of it is cut; a larger power allows a
-    flatter profile. A larger slice mask loses its outer rim (the pixels nearest its edge, in mm
-    along i and j) down to that area; nothing grows.
+    pole lies between the last slice and the next, none of it is cut (up to pixel rounding, and to
+    a largest cross-section that falls between two slices); a larger power allows a flatter
+    profile. A larger slice mask loses its outer rim (the pixels nearest its edge, in mm along i
+    and j) down to that area; nothing grows.
 
     Only an object whose two ends were found inside the slices it could occupy is changed: one that
     reaches a ``bounds`` slice (default: the volume's first and last; the pipeline passes a prompt's
