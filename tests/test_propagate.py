@@ -109,8 +109,8 @@ def test_short_z_range_skips_the_sections():
     obj = visible(ellipsoid((60, 60, 40), (30, 30, 20), (14, 11, 13)))
     for z_range, sections in (([19, 21], 0), ([18, 22], 6)):
         doc = {"version": 1, "objects": [{"slice": 20, "box": _box(obj[:, :, 20]), "z_range": z_range}]}
-        # taper off: the z_range cuts the ellipsoid into a slab with flat ends
-        result = segment(_volume(obj), doc, model=ThresholdModel(), window="percentile", zoom=None, taper=None)
+        # the z_range cuts the ellipsoid into a slab with flat ends: the taper leaves it alone
+        result = segment(_volume(obj), doc, model=ThresholdModel(), window="percentile", zoom=None)
         assert result.settings["encoded_sections"] == sections
         got, want = result.labels.array == 1, obj.copy()
         want[:, :, : z_range[0]] = want[:, :, z_range[1] + 1 :] = False
@@ -177,8 +177,8 @@ def test_chain_vote_follows_a_drift():
     vol = _volume(obj)
     doc = {"version": 1, "objects": [{"slice": 15, "box": _box(obj[:, :, 15]), "z_range": [3, 26]}]}
 
-    def run(**kw):  # taper off: a cylinder's ends are flat
-        result = segment(vol, doc, model=ThresholdModel(), window="percentile", zoom=None, taper=None,
+    def run(**kw):  # the cylinder fills its z_range: the taper leaves its flat ends alone
+        result = segment(vol, doc, model=ThresholdModel(), window="percentile", zoom=None,
                          config=PropagationConfig(stride=1, **kw))
         return result.labels.array == 1
 
