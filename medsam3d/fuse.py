@@ -42,7 +42,7 @@ def taper_ends(mask: np.ndarray, power: float = 2.0, spacing: tuple[float, float
     A box-prompted model keeps most of a tumour's cross-section up to its last slices: the box comes
     from the neighbouring slice and the tumour's faint pole looks like its middle. Here an object
     whose largest slice mask holds A pixels, with its middle at slice c and its first and last
-    slices z0 and z1, may hold at most ``A (1 - |k - c| / R) ** power`` pixels on slice k, where
+    slices z0 and z1, may hold at most ``A (1 - (|k - c| / R) ** power)`` pixels on slice k, where
     R = (z1 - z0) / 2 + 1 reaches the next slice beyond each end. With ``power`` 2 that is the
     largest ellipsoid with the object's extent and largest cross-section: wherever an ellipsoid's
     pole lies between the last slice and the next, none of it is cut (up to pixel rounding, and to
