@@ -205,6 +205,39 @@ def test_truncated_files_are_refused(tmp_path):
         m3.load(tmp_path / "cut.nrrd")
 
 
+def test_malformed_dicom_header_values_are_skipped_or_refused(tmp_path, caplog):
+    """pydicom converts values on access: an IS '1A' or a DS 'x' must not end in a traceback."""
+    import shutil
+
+    import pydicom
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+    from pydicom.uid import generate_uid
+
+    source = shared("ibsi_sts_041/dicom/CT/image")
+    reference = m3.load(source)
+    folder = tmp_path / "ct"
+    shutil.copytree(source, folder)
+    first = sorted(folder.iterdir())[0]
+    # a stray file of another series whose NumberOfFrames is not a number: skipped with a warning
+    stray = pydicom.dcmread(first)
+    stray.SeriesInstanceUID = generate_uid()
+    stray[0x00280008] = RawDataElement(Tag(0x00280008), "IS", 2, b"1A", 0, False, True)
+    stray.save_as(tmp_path / "stray.dcm")
+    shutil.copy(tmp_path / "stray.dcm", folder / "zz_stray.dcm")
+    with caplog.at_level("WARNING", logger="medsam3d"):
+        volume = m3.load(folder)
+    assert np.array_equal(volume.array, reference.array) and np.allclose(volume.affine, reference.affine)
+    assert "malformed" in caplog.text and "zz_stray.dcm" in caplog.text
+    # a slice of the series itself whose position is not numeric: one clear error
+    broken = pydicom.dcmread(first)
+    broken[0x00200032] = RawDataElement(Tag(0x00200032), "DS", 6, b"x\\y\\z ", 0, False, True)
+    broken.save_as(first)
+    with pytest.raises(DicomSeriesError, match="expected well-formed header values.*fix or remove") as info:
+        m3.load(folder)
+    assert "\n" not in str(info.value)
+
+
 def test_label_on_another_grid_is_refused():
     image = m3.load(shared("ibsi_sts_041/nifti/CT_image.nii.gz"))
     with pytest.raises(GeometryError, match="expected the label map on the image's grid"):

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import DicomSeriesError, GeometryError, VolumeIOError
+from ..errors import DicomSeriesError, GeometryError, Medsam3dError, VolumeIOError
 from ..volume import LPS_TO_RAS, Volume
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,7 @@ def list_dicom_series(folder: str | Path) -> list[DicomSeries]:
         raise VolumeIOError(f"expected a DICOM folder, found {'a file' if folder.exists() else 'nothing'} at {folder}")
     series: dict[str, DicomSeries] = {}
     skipped = 0
+    malformed: list[str] = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         if path.name.upper() == "DICOMDIR":
             continue
@@ -89,6 +90,11 @@ def list_dicom_series(folder: str | Path) -> list[DicomSeries]:
         uid = getattr(ds, "SeriesInstanceUID", None) if ds is not None else None
         if uid is None:
             skipped += 1
+            continue
+        try:  # pydicom converts values on access: a malformed one (IS '1A') raises here
+            size = (int(ds.Rows), int(ds.Columns), int(getattr(ds, "NumberOfFrames", 1) or 1)) if "Rows" in ds else None
+        except (ValueError, TypeError) as exc:
+            malformed.append(f"{path} ({exc})")
             continue
         entry = series.get(str(uid))
         if entry is None:
@@ -98,11 +104,14 @@ def list_dicom_series(folder: str | Path) -> list[DicomSeries]:
                 description=str(getattr(ds, "SeriesDescription", "")),
             )
         entry.files.append(path)
-        if "Rows" in ds:
-            entry.rows, entry.columns = int(ds.Rows), int(ds.Columns)
-            entry.frames += int(getattr(ds, "NumberOfFrames", 1) or 1)
+        if size is not None:
+            entry.rows, entry.columns = size[:2]
+            entry.frames += size[2]
     if skipped:
         log.info("%d non-DICOM file(s) skipped in %s", skipped, folder)
+    if malformed:  # a missing slice is then caught by the spacing check of the stack
+        log.warning("%d DICOM file(s) with malformed image size values skipped in %s, first: %s",
+                    len(malformed), folder, malformed[0])
     return list(series.values())
 
 
@@ -145,10 +154,18 @@ def load_dicom(folder: str | Path, series_uid: str | None = None, *, allow_tilt:
     datasets = [d for d in datasets if d is not None and "PixelData" in d]
     if not datasets:
         raise DicomSeriesError(f"expected pixel data in series {series.uid}, found none; the files may be truncated")
-    if len(datasets) == 1 and int(getattr(datasets[0], "NumberOfFrames", 1) or 1) > 1:
-        volume = _load_multiframe(datasets[0], allow_tilt=allow_tilt)
-    else:
-        volume = _load_single_frames(datasets, allow_tilt=allow_tilt)
+    try:
+        if len(datasets) == 1 and int(getattr(datasets[0], "NumberOfFrames", 1) or 1) > 1:
+            volume = _load_multiframe(datasets[0], allow_tilt=allow_tilt)
+        else:
+            volume = _load_single_frames(datasets, allow_tilt=allow_tilt)
+    except Medsam3dError:
+        raise
+    except (ValueError, TypeError) as exc:  # a header value pydicom cannot convert (DS 'abc', IS '1A')
+        raise DicomSeriesError(
+            f"expected well-formed header values in series {series.uid} of {folder}, found one that cannot be read "
+            f"({type(exc).__name__}: {str(exc)[:120]}); fix or remove the offending file"
+        ) from None
     first = datasets[0]
     volume.meta.update(
         source=str(folder),
