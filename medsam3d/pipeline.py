@@ -17,7 +17,7 @@ import numpy as np
 
 from .errors import Medsam3dError
 from .fuse import fuse, taper_ends
-from .preprocess import Window, apply_window, choose_window
+from .preprocess import Window, apply_window, choose_window, finite_intensities
 from .prompts import BoxPrompt, ObjectPrompt, prompts_from
 from .propagate import ObjectResult, PropagationConfig, SliceEncoder, propagate
 from .volume import Volume, display_axcodes, reorient
@@ -138,10 +138,11 @@ def segment(volume: Volume, prompts, *, model=None, model_name: str = "litemedsa
     if taper is not None and not (isinstance(taper, (int, float)) and 0 <= taper < float("inf")):
         raise Medsam3dError(f"expected a taper power >= 0 (0 or None: off), found {taper!r}")
     objects = prompts_from(prompts, volume)
+    image, non_finite = finite_intensities(volume)
     if model is None:
         model = load_model(model_name, checkpoint=checkpoint, device=device)
-    win = choose_window(volume, window, modality, roi_values=_roi_values(volume, objects))
-    working, reo = reorient(volume, display_axcodes(volume))
+    win = choose_window(image, window, modality, roi_values=_roi_values(image, objects))
+    working, reo = reorient(image, display_axcodes(image))
     images = apply_window(working.array, win)
     work_objects = _to_working(objects, reo)
     crop = _zoom_crop(work_objects, images.shape[:2], zoom) if zoom is not None else None
@@ -190,7 +191,7 @@ def segment(volume: Volume, prompts, *, model=None, model_name: str = "litemedsa
                   "checkpoint": getattr(model, "checkpoint", None), "runtime": getattr(model, "runtime", "torch")}
     log.info("segmented %d object(s) in %.1f s (%d slices encoded)", len(objects), seconds, encoder.encoded)
     return SegmentationResult(labels, summary, win, model_info, seconds, encoder.encoded,
-                              {"encoded_sections": encoder.sections_encoded,
+                              {"encoded_sections": encoder.sections_encoded, "non_finite_voxels": non_finite,
                                "overlap": overlap, "keep_largest": keep_largest, "fill_holes": fill_holes,
                                "taper": taper or None,
                                "zoom": zoom, "crop": list(crop) if crop else None,

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import PromptError
+from .errors import Medsam3dError, PromptError
 from .volume import Volume
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,32 @@ class Window:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def finite_intensities(volume: Volume) -> tuple[Volume, int]:
+    """The volume with its NaN and infinite voxels set to its lowest finite value, and their count.
+
+    Such voxels mark "no data" (outside a resampled field of view, say); left in, they turn
+    every percentile and the model's min-max normalisation into NaN, and the masks into
+    nothing. An image without two different finite values has nothing to segment and is refused.
+    """
+    array = volume.array
+    count = 0
+    if np.issubdtype(array.dtype, np.floating):
+        bad = ~np.isfinite(array)
+        count = int(bad.sum())
+        if count == array.size:
+            raise Medsam3dError("expected an image with finite intensities, found every voxel NaN or infinite; "
+                                "check the file")
+        if count:
+            lowest = float(array[~bad].min())
+            log.warning("%d voxel(s) NaN or infinite: treated as the lowest intensity, %g", count, lowest)
+            volume = Volume(np.where(bad, array.dtype.type(lowest), array), volume.affine, volume.meta)
+    lo, hi = float(volume.array.min()), float(volume.array.max())
+    if lo == hi:
+        raise Medsam3dError(f"expected an image whose intensities vary, found every voxel equal to {lo:g}; "
+                            "check that the file holds the image, not an empty or constant volume")
+    return volume, count
 
 
 def guess_modality(volume: Volume) -> tuple[str, str]:

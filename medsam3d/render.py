@@ -98,7 +98,7 @@ def axial_overlay(image: Volume, labels: Volume, path: str | Path, *, label: int
     from skimage.measure import find_contours
 
     from .measure import measure
-    from .preprocess import apply_window, choose_window
+    from .preprocess import apply_window, choose_window, finite_intensities
 
     image.check_same_grid(labels)
     if not np.any(labels.array == label):
@@ -112,7 +112,7 @@ def axial_overlay(image: Volume, labels: Volume, path: str | Path, *, label: int
     mask = ax_lab.array == label
     k = int(np.argmax(mask.sum(axis=(0, 1))))
     if window is None:
-        win = choose_window(image)
+        win = choose_window(finite_intensities(image)[0])  # NaN voxels would make every percentile NaN
         window = (win.lower, win.upper)
     from .preprocess import Window
 

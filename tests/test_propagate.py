@@ -264,6 +264,23 @@ def test_segment_leaves_the_callers_config_alone():
     assert config == PropagationConfig()
 
 
+def test_nan_voxels_count_as_background_and_a_constant_image_is_refused():
+    obj = visible(ellipsoid((40, 40, 20), (22, 20, 10), (8, 8, 5)))
+    doc = {"version": 1, "objects": [{"slice": 10, "box": _box(obj[:, :, 10])}]}
+    clean = segment(_volume(obj), doc, model=ThresholdModel(), window="percentile", zoom=None)
+    vol = _volume(obj)
+    array = vol.array.copy()
+    array[:6] = np.nan  # "no data" outside a resampled field of view
+    array[0, 0, 0] = np.inf
+    result = segment(Volume(array, vol.affine, vol.meta), doc, model=ThresholdModel(), window="percentile", zoom=None)
+    assert np.array_equal(result.labels.array, clean.labels.array) and (result.labels.array == 1).sum() > 1000
+    assert result.settings["non_finite_voxels"] == 6 * 40 * 20 and clean.settings["non_finite_voxels"] == 0
+    for array, what in ((np.full(obj.shape, 7.0, np.float32), "every voxel equal to 7"),
+                        (np.full(obj.shape, np.nan, np.float32), "every voxel NaN")):
+        with pytest.raises(Medsam3dError, match=what):
+            segment(Volume(array, vol.affine), doc, model=ThresholdModel())
+
+
 def test_z_range_bounds_the_object():
     obj = ellipsoid((40, 40, 30), (20, 20, 15), (10, 10, 10))
     vol = _volume(obj)
