@@ -230,6 +230,9 @@ def _cmd_mesh(args: argparse.Namespace) -> int:
         raise VolumeIOError(f"expected -o ending in {', '.join(MESH_SUFFIXES)}, found '{args.output.name}'")
     labels = load_labels(args.labels)
     values = args.label or [int(v) for v in np.unique(labels.array) if v != 0]
+    if not values:
+        raise VolumeIOError(f"expected labelled voxels to mesh in {args.labels}, found only background (0); "
+                            "check that this is the segmentation, not an empty label map")
     for value in values:
         poly = label_mesh(labels, value, space=args.space, smooth=args.smooth, decimate=args.decimate)
         out = args.output if len(values) == 1 else args.output.with_name(
@@ -259,6 +262,8 @@ def _cmd_measure(args: argparse.Namespace) -> int:
         writer.writeheader()
         writer.writerows(flat)
     else:
+        if not rows:
+            print(f"no labelled voxels in {args.labels}: only background (0)")
         for r in rows:
             what = f"label {r['label']} '{r['name']}'" + (f" lesion {r['component']}" if r["component"] else "")
             print(f"{what}: {r['volume_ml']:.3f} mL ({r['voxels']} voxels), mesh {r['mesh_volume_ml']:.3f} mL, "

@@ -183,6 +183,18 @@ def test_cli_mesh_and_measure(tmp_path, capsys):
     assert main(["mesh", str(mask), "-o", str(tmp_path / "q.stl"), "--label", "5"]) == 2
 
 
+def test_cli_on_an_empty_label_map_says_so(tmp_path, capsys):
+    from medsam3d.cli import main
+
+    empty = m3.save(Volume(np.zeros((20, 20, 8), np.uint8), np.diag([0.8, 0.8, 2.5, 1.0])), tmp_path / "empty.nii.gz")
+    assert main(["mesh", str(empty), "-o", str(tmp_path / "e.stl")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "expected labelled voxels to mesh" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "e.stl").exists()
+    assert main(["measure", str(empty)]) == 0
+    assert "no labelled voxels" in capsys.readouterr().out
+
+
 def test_pictures_show_the_lesion(tmp_path):
     """Offscreen VTK rendering and the axial overlay, checked by looking at their pixels."""
     from PIL import Image
