@@ -105,7 +105,9 @@ def segment(volume: Volume, prompts, *, model=None, model_name: str = "litemedsa
     Parameters
     ----------
     volume : Volume
-        The image (any orientation; labels come back on exactly its grid).
+        The image (any orientation; labels come back on exactly its grid). NaN or infinite voxels
+        are shown to the model as its lowest intensity (counted in ``settings["non_finite_voxels"]``);
+        a constant image is refused.
     prompts : list of ObjectPrompt, prompt document (dict) or list of prompt entries
         See :mod:`medsam3d.prompts` (voxel boxes on a slice, ``z_range``, ``box_ras``).
     model : SliceModel, optional
