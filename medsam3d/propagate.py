@@ -312,11 +312,13 @@ def propagate(encoder: SliceEncoder, objects: Sequence[ObjectPrompt], config: Pr
         start = max(obj.boxes, key=lambda b: b.area)
         lo, hi = obj.z_range or (0, K - 1)
         # every prompted slice is segmented with its own box
+        as_drawn = {}
         for k, prompt in sorted(keys.items()):
             masks, scores = encoder.predict(k, np.array([prompt.box]), 0, (lo, hi))
+            as_drawn[k] = masks[0]
             mask = masks[0] & _box_mask(expand_box(prompt.box, (I, J), 0.0, config.margin_min), (I, J))
             result.slices[k] = SliceResult(mask, float(scores[0]), prompt.box)
-        ensemble = _prompt_ensemble(encoder, keys, config)
+        ensemble = _prompt_ensemble(encoder, keys, config, as_drawn)
         for direction in (+1, -1) if not config.orthogonal else ():  # the box chain
             prev = result.slices[start.slice]
             peak = max(int(prev.mask.sum()), 1)
@@ -599,7 +601,8 @@ def _shift_box(box, shift: tuple[int, int], shape: tuple[int, int]):
     return i0 + di, j0 + dj, i1 + di, j1 + dj
 
 
-def _prompt_ensemble(encoder: SliceEncoder, keys, config: PropagationConfig) -> dict[int, np.ndarray]:
+def _prompt_ensemble(encoder: SliceEncoder, keys, config: PropagationConfig,
+                     as_drawn: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
     """Each prompted slice's final mask: the per-pixel majority (at least half) of the masks for
     the user's box grown by each of ``config.prompt_ensemble`` pixels, within the largest box.
 
@@ -610,15 +613,19 @@ def _prompt_ensemble(encoder: SliceEncoder, keys, config: PropagationConfig) -> 
     propagation itself starts from the box as given: starting it from the ensemble's mask
     made the box chains grow on low-contrast CT. Computed before the walk (the content check
     reads the key slice's contrast on it) and applied after it; empty when the ensemble is off.
+    ``as_drawn`` holds each prompted slice's mask for the box as given (already decoded), so a
+    grow of 0 costs no decode.
     """
     I, J, _ = encoder.images.shape
     grow = sorted(int(g) for g in config.prompt_ensemble)
     out = {}
     for k, prompt in keys.items() if grow else ():
         boxes = [expand_box(prompt.box, (I, J), 0.0, g) if g > 0 else prompt.box for g in grow]
-        masks, _ = encoder.predict(k, np.array(boxes))
+        grown = [b for g, b in zip(grow, boxes) if g > 0]
+        masks = encoder.predict(k, np.array(grown))[0] if grown else np.zeros((0, I, J), bool)
+        votes = masks.sum(axis=0) + grow.count(0) * as_drawn[k]
         limit = _box_mask(expand_box(boxes[-1], (I, J), 0.0, config.margin_min), (I, J))
-        out[k] = (2 * masks.sum(axis=0) >= len(boxes)) & limit
+        out[k] = (2 * votes >= len(boxes)) & limit
     return out
 
 

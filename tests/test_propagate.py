@@ -79,12 +79,18 @@ def test_prompt_ensemble_keeps_the_ring_a_tight_box_cuts_off():
     # LiteMedSAM on small lesions); the majority over the box grown by 0..3 px does not
     obj = visible(ellipsoid((60, 60, 40), (30, 30, 20), (14, 11, 13)))
     doc = {"version": 1, "objects": [{"slice": 20, "box": _box(obj[:, :, 20]), "z_range": [6, 33]}]}
-    key = {}
+    key, boxes = {}, {}
     for grow in ((), (0, 1, 2, 3)):
-        result = segment(_volume(obj), doc, model=TightBoxModel(), window="percentile", zoom=None,
+        model = TightBoxModel()
+        decode = model.decode
+        decoded = []
+        model.decode = lambda image, b, decode=decode, decoded=decoded: decoded.append(len(b)) or decode(image, b)
+        result = segment(_volume(obj), doc, model=model, window="percentile", zoom=None,
                          config=PropagationConfig(prompt_ensemble=grow))
         key[grow] = result.labels.array[:, :, 20] == 1
+        boxes[grow] = sum(decoded)
     assert np.array_equal(key[(0, 1, 2, 3)], obj[:, :, 20])
+    assert boxes[(0, 1, 2, 3)] - boxes[()] == 3  # the box as drawn is decoded once, for the walk and the vote
     assert (key[()] != obj[:, :, 20]).sum() > 0 and not (key[()] & ~obj[:, :, 20]).any()
 
 
