@@ -9,6 +9,7 @@ labels lie exactly on the input grid.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
@@ -17,7 +18,7 @@ import numpy as np
 
 from .errors import Medsam3dError
 from .fuse import fuse, taper_ends
-from .preprocess import Window, apply_window, choose_window, finite_intensities
+from .preprocess import MODALITIES, Window, apply_window, choose_window, finite_intensities
 from .prompts import BoxPrompt, ObjectPrompt, prompts_from
 from .propagate import ObjectResult, PropagationConfig, SliceEncoder, propagate
 from .volume import Volume, display_axcodes, reorient
@@ -104,8 +105,9 @@ def segment(volume: Volume, prompts, *, model=None, model_name: str = "litemedsa
 
     Parameters
     ----------
-    volume : Volume
-        The image (any orientation; labels come back on exactly its grid). NaN or infinite voxels
+    volume : Volume or path
+        The image (any orientation; labels come back on exactly its grid), or a path that
+        :func:`medsam3d.load` reads. NaN or infinite voxels
         are shown to the model as its lowest intensity (counted in ``settings["non_finite_voxels"]``);
         a constant image is refused.
     prompts : list of ObjectPrompt, prompt document (dict) or list of prompt entries
@@ -115,6 +117,8 @@ def segment(volume: Volume, prompts, *, model=None, model_name: str = "litemedsa
     window : str, optional
         CT preset (``soft-tissue``, ``lung``, ``bone``, ``brain``, ``liver``...), ``LEVEL,WIDTH``
         or ``percentile``; default: chosen from the modality.
+    modality : {"CT", "MR", "PT", "US"}, optional
+        Overrides the DICOM header and the guess from the intensities (see :mod:`medsam3d.preprocess`).
     overlap : {"score", "first", "last", "error"}
         Who gets a voxel claimed by two objects.
     taper : float or None
@@ -137,8 +141,17 @@ def segment(volume: Volume, prompts, *, model=None, model_name: str = "litemedsa
     from .models import load_model
 
     t0 = time.perf_counter()
+    volume = _as_volume(volume)
     if taper is not None and not (isinstance(taper, (int, float)) and 0 <= taper < float("inf")):
         raise Medsam3dError(f"expected a taper power >= 0 (0 or None: off), found {taper!r}")
+    if zoom is not None and not (isinstance(zoom, (int, float)) and 0 <= zoom < float("inf")):
+        raise Medsam3dError(f"expected a zoom context >= 0 (None: whole slices), found {zoom!r}")
+    if modality is not None and str(modality).strip().upper() not in MODALITIES:
+        raise Medsam3dError(f"expected a modality among {', '.join(MODALITIES)} (or None: from the header or the "
+                            f"intensities), found {modality!r}")
+    modality = str(modality).strip().upper() if modality is not None else None
+    if prompts is None:
+        raise Medsam3dError("expected prompts (a prompt document, a list of entries or of ObjectPrompt), found None")
     objects = prompts_from(prompts, volume)
     image, non_finite = finite_intensities(volume)
     if model is None:
@@ -198,6 +211,18 @@ def segment(volume: Volume, prompts, *, model=None, model_name: str = "litemedsa
                                "taper": taper or None,
                                "zoom": zoom, "crop": list(crop) if crop else None,
                                "propagation": dict(vars(config))})
+
+
+def _as_volume(volume) -> Volume:
+    """A :class:`Volume`, or one loaded from a path; anything else is refused with one line."""
+    if isinstance(volume, Volume):
+        return volume
+    if isinstance(volume, (str, os.PathLike)):
+        from .io import load
+
+        return load(volume)
+    raise Medsam3dError(f"expected a medsam3d.Volume or a path to an image, found {type(volume).__name__}; "
+                        "wrap an array with its affine as Volume(array, affine) or load a file with medsam3d.load")
 
 
 def _object_masks(results: Sequence[ObjectResult], shape) -> tuple[list[np.ndarray], list[np.ndarray]]:

@@ -32,6 +32,8 @@ CT_WINDOWS: dict[str, tuple[float, float]] = {
     "brain": (40.0, 80.0),
     "mediastinum": (50.0, 350.0),
 }
+#: modalities a caller may give or a DICOM header may state (all but CT get percentile clipping)
+MODALITIES = ("CT", "MR", "PT", "US")
 MR_PERCENTILES = (0.5, 99.5)
 ROI_PERCENTILES = (1.0, 99.0)
 ROI_WIDEN = 0.2
@@ -81,7 +83,7 @@ def finite_intensities(volume: Volume) -> tuple[Volume, int]:
 def guess_modality(volume: Volume) -> tuple[str, str]:
     """Return (modality, how it was decided)."""
     header = str(volume.meta.get("modality") or "").upper()
-    if header in ("CT", "MR", "PT", "US"):
+    if header in MODALITIES:
         return header, "header"
     sample = volume.array[:: max(1, volume.shape[0] // 64), :: max(1, volume.shape[1] // 64), :]
     p1 = float(np.percentile(sample, 1))

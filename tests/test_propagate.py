@@ -287,6 +287,26 @@ def test_nan_voxels_count_as_background_and_a_constant_image_is_refused():
             segment(Volume(array, vol.affine), doc, model=ThresholdModel())
 
 
+def test_segment_takes_a_path_and_refuses_what_it_cannot_use(tmp_path):
+    import medsam3d as m3
+
+    obj = visible(ellipsoid((40, 40, 20), (22, 20, 10), (8, 8, 5)))
+    vol = _volume(obj)
+    doc = {"version": 1, "objects": [{"slice": 10, "box": _box(obj[:, :, 10])}]}
+    path = m3.save(vol, tmp_path / "image.nii.gz")
+    from_path = segment(str(path), doc, model=ThresholdModel(), window="percentile", modality="mr ")
+    from_volume = segment(vol, doc, model=ThresholdModel(), window="percentile", modality="MR")
+    assert np.array_equal(from_path.labels.array, from_volume.labels.array) and from_path.window.modality == "MR"
+    assert from_path.labels.same_grid(vol)
+    for kwargs, message in (({"volume": vol.array}, "expected a medsam3d.Volume or a path"),
+                            ({"prompts": None}, "expected prompts"),
+                            ({"zoom": -1}, "expected a zoom context >= 0"),
+                            ({"modality": "XR"}, "expected a modality among CT, MR")):
+        call = {"volume": vol, "prompts": doc, **kwargs}
+        with pytest.raises(Medsam3dError, match=message):
+            segment(call.pop("volume"), call.pop("prompts"), model=ThresholdModel(), **call)
+
+
 def test_z_range_bounds_the_object():
     obj = ellipsoid((40, 40, 30), (20, 20, 15), (10, 10, 10))
     vol = _volume(obj)
