@@ -169,14 +169,18 @@ def _component_stats(mask: np.ndarray, labels: Volume, axial: tuple[np.ndarray, 
                     **axes})
     if image is not None:
         values = image.array[mask].astype(np.float64)
-        pct = np.percentile(values, [5, 25, 50, 75, 95])
+        finite = values[np.isfinite(values)]  # NaN marks "no data": statistics of the voxels that have some
         modality = str(image.meta.get("modality") or "")
-        out["intensity"] = {
-            "unit": "HU" if modality.upper() == "CT" else "a.u.",
-            "mean": round(float(values.mean()), 3), "sd": round(float(values.std()), 3),
-            "min": float(values.min()), "max": float(values.max()),
-            **{f"p{p}": round(float(v), 3) for p, v in zip((5, 25, 50, 75, 95), pct)},
-        }
+        out["intensity"] = {"unit": "HU" if modality.upper() == "CT" else "a.u.",
+                            "non_finite_voxels": int(values.size - finite.size)}
+        names = ("mean", "sd", "min", "max", "p5", "p25", "p50", "p75", "p95")
+        if finite.size:
+            pct = np.percentile(finite, [5, 25, 50, 75, 95])
+            stats = [round(float(finite.mean()), 3), round(float(finite.std()), 3), float(finite.min()),
+                     float(finite.max()), *(round(float(v), 3) for v in pct)]
+        else:
+            stats = [None] * len(names)
+        out["intensity"].update(zip(names, stats))
     return out
 
 

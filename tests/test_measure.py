@@ -111,6 +111,15 @@ def test_intensity_statistics_in_hu():
     assert row["intensity"]["unit"] == "HU"
     assert row["intensity"]["mean"] == pytest.approx(values.mean(), abs=1e-3)
     assert row["intensity"]["p50"] == pytest.approx(np.median(values))
+    assert row["intensity"]["non_finite_voxels"] == 0
+    # NaN voxels ("no data") inside the lesion are left out of the statistics and counted
+    array = image.array.astype(np.float32)
+    inside = np.argwhere(labels.array == 1)[:50]
+    array[tuple(inside.T)] = np.nan
+    (row,) = measure(labels, image=Volume(array, image.affine, image.meta))
+    kept = array[(labels.array == 1) & np.isfinite(array)]
+    assert row["intensity"]["non_finite_voxels"] == 50
+    assert row["intensity"]["mean"] == pytest.approx(kept.mean(), abs=1e-3) and np.isfinite(row["intensity"]["p95"])
 
 
 REAL_MASKS = [
