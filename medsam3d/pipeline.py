@@ -96,7 +96,7 @@ def _to_working(objects: Sequence[ObjectPrompt], reo) -> list[ObjectPrompt]:
     return out
 
 
-def segment(volume: Volume, prompts, *, model=None, model_name: str = "litemedsam", checkpoint=None,
+def segment(volume: Volume | str | os.PathLike, prompts, *, model=None, model_name: str = "litemedsam", checkpoint=None,
             device: str = "auto", window: str | None = None, modality: str | None = None,
             overlap: str = "score", keep_largest: bool = True, fill_holes: bool = True, taper: float | None = 2.0,
             zoom: float | None = 1.0, stride: int | None = None, config: PropagationConfig | None = None,
@@ -150,8 +150,6 @@ def segment(volume: Volume, prompts, *, model=None, model_name: str = "litemedsa
         raise Medsam3dError(f"expected a modality among {', '.join(MODALITIES)} (or None: from the header or the "
                             f"intensities), found {modality!r}")
     modality = str(modality).strip().upper() if modality is not None else None
-    if prompts is None:
-        raise Medsam3dError("expected prompts (a prompt document, a list of entries or of ObjectPrompt), found None")
     objects = prompts_from(prompts, volume)
     image, non_finite = finite_intensities(volume)
     if model is None:

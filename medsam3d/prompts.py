@@ -196,6 +196,8 @@ def parse_box_option(spec: str) -> dict[str, Any]:
 
 def prompts_from(spec: Iterable[dict[str, Any]] | dict[str, Any] | list[ObjectPrompt], volume: Volume) -> list[ObjectPrompt]:
     """Accept parsed ObjectPrompts, a prompt document, or a list of entries."""
+    if spec is None:
+        raise PromptError("expected prompts (a prompt document, a list of entries or of ObjectPrompt), found None")
     if isinstance(spec, list) and spec and all(isinstance(o, ObjectPrompt) for o in spec):
         return spec  # type: ignore[return-value]
     return parse_prompts(spec if isinstance(spec, dict) else list(spec), volume)
