@@ -159,16 +159,17 @@ def _non_negative_float(text: str) -> float:
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
-    from .io import LABEL_SUFFIXES, load, save
-    from .io._atomic import atomic_path, full_suffix
-    from .errors import VolumeIOError
+    from .io import check_output, load, save
+    from .io._atomic import atomic_path, check_output_path
     from .pipeline import segment
     from .propagate import PropagationConfig
     from .prompts import load_prompts, parse_box_option, parse_prompts
 
-    if full_suffix(args.output) not in LABEL_SUFFIXES:
-        raise VolumeIOError(f"expected -o ending in {', '.join(LABEL_SUFFIXES)}, found '{args.output.name}'")
+    check_output(args.output)  # refuse what save() would refuse before the work, not after it
+    if args.report:
+        check_output_path(args.report)
     volume = load(args.input, series_uid=args.series_uid, allow_tilt=args.allow_tilt)
+    check_output(args.output, reference=volume)  # DICOM SEG: is the input a DICOM series?
     if args.prompts:
         objects = load_prompts(args.prompts, volume)
     else:
@@ -221,13 +222,14 @@ def _cmd_mesh(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .io import load_labels
-    from .io._atomic import full_suffix
+    from .io._atomic import check_output_path, full_suffix
     from .mesh import MESH_SUFFIXES, label_mesh, mesh_properties, write_mesh
     from .errors import VolumeIOError
 
     suffix = full_suffix(args.output)
     if suffix not in MESH_SUFFIXES:
         raise VolumeIOError(f"expected -o ending in {', '.join(MESH_SUFFIXES)}, found '{args.output.name}'")
+    check_output_path(args.output)
     labels = load_labels(args.labels)
     values = args.label or [int(v) for v in np.unique(labels.array) if v != 0]
     if not values:
@@ -278,10 +280,12 @@ def _cmd_render(args: argparse.Namespace) -> int:
 
     from .errors import VolumeIOError
     from .io import load, load_labels
+    from .io._atomic import check_output_path
     from .render import axial_overlay, render_meshes
 
     if args.output.suffix.lower() != ".png":
         raise VolumeIOError(f"expected -o ending in .png, found '{args.output.name}'")
+    check_output_path(args.output)
     image = load(args.image) if args.image else None
     labels = load_labels(args.labels, image)
     if args.view == "3d":

@@ -175,6 +175,35 @@ def test_cli_bad_prompts_exit_2_with_one_line(tmp_path, capsys, args, message):
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
+def test_cli_refuses_an_unwritable_output_before_segmenting(tmp_path, capsys, monkeypatch):
+    """A report in a missing folder, or DICOM SEG from a NIfTI, used to fail after the whole
+    segmentation, with the label map already written beside it."""
+    import medsam3d.pipeline
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("segment() ran although an output cannot be written")
+
+    monkeypatch.setattr(medsam3d.pipeline, "segment", must_not_run)
+    (tmp_path / "folder.nii.gz").mkdir()
+    box = ["--box", "57,57,100,109@23"]
+    for outputs, message in (([str(tmp_path / "l.nii.gz"), "--json", str(tmp_path / "no" / "r.json")],
+                              "existing output folder"),
+                             ([str(tmp_path / "no" / "l.nii.gz")], "existing output folder"),
+                             ([str(tmp_path / "folder.nii.gz")], "found a folder"),
+                             ([str(tmp_path / "l.dcm")], "DICOM source series")):
+        code = main(["segment", str(CASE / "CT_image.nii.gz"), *box, "-o", *outputs])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and message in err and len(err.splitlines()) == 1, err
+    labels = tmp_path / "l.nii.gz"
+    m3.save(m3.load(CASE / "CT_mask.nii.gz"), labels)
+    for command in (["mesh", str(labels), "-o", str(tmp_path / "no" / "m.stl")],
+                    ["render", str(labels), "-o", str(tmp_path / "no" / "v.png")]):
+        code = main(command)
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and "existing output folder" in err and len(err.splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.nii.gz", "l.nii.gz"]
+
+
 def test_cli_errors_as_a_user_sees_them(tmp_path):
     """A real subprocess: exit code 2, one line on stderr, no traceback."""
     for argv in (["info", str(tmp_path / "nope.nii.gz")],

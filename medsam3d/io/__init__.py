@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import VolumeIOError
 from ..volume import Volume
-from ._atomic import full_suffix
+from ._atomic import check_output_path, full_suffix
 from ._nifti import from_nibabel, read_nifti, to_nibabel, write_nifti
 from ._sitk import from_sitk, read_sitk, to_sitk, write_sitk
 from .dicom import DicomSeries, list_dicom_series, load_dicom
@@ -21,7 +21,7 @@ from .rtstruct import load_rtstruct
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "DicomSeries", "from_nibabel", "from_sitk", "list_dicom_series", "load", "load_dicom", "load_labels",
+    "DicomSeries", "check_output", "from_nibabel", "from_sitk", "list_dicom_series", "load", "load_dicom", "load_labels",
     "load_rtstruct", "save", "to_nibabel", "to_sitk", "IMAGE_SUFFIXES", "LABEL_SUFFIXES",
 ]
 
@@ -110,6 +110,23 @@ def load_labels(path: str | Path, reference: Volume | None = None) -> Volume:
     return labels
 
 
+def check_output(path: str | Path, *, reference: Volume | None = None) -> None:
+    """Refuse, before any work, a label-map path :func:`save` could not write.
+
+    Checks the suffix and the folder and, for DICOM SEG (``.dcm``) given the ``reference``, that
+    it is a DICOM series; so a long segmentation does not end in an error at its last step.
+    """
+    suffix = full_suffix(path)
+    if suffix not in LABEL_SUFFIXES:
+        raise VolumeIOError(f"expected an output ending in {', '.join(LABEL_SUFFIXES)} (.dcm: DICOM SEG), "
+                            f"found '{Path(path).name}'")
+    check_output_path(path)
+    if suffix == ".dcm" and reference is not None:
+        from .dicomseg import check_seg_source
+
+        check_seg_source(reference)
+
+
 def save(labels: Volume, path: str | Path, *, reference: Volume | None = None) -> Path:
     """Write ``labels`` to ``path``; the format follows the suffix.
 
@@ -132,8 +149,6 @@ def save(labels: Volume, path: str | Path, *, reference: Volume | None = None) -
     elif suffix == ".dcm":
         from .dicomseg import write_dicom_seg
 
-        if reference is None:
-            raise VolumeIOError("expected the source DICOM series as reference for DICOM SEG output, found none")
         write_dicom_seg(labels, path, reference)
     else:
         raise VolumeIOError(

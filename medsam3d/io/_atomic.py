@@ -20,6 +20,20 @@ def full_suffix(path: str | os.PathLike) -> str:
     return Path(path).suffix.lower()
 
 
+def check_output_path(path: str | os.PathLike) -> Path:
+    """Refuse, before any work, an output path that cannot be written: a folder, or one in a missing folder.
+
+    Returns the folder the file goes to.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise VolumeIOError(f"expected an output file path, found a folder at {path}; give a file name")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise VolumeIOError(f"expected an existing output folder, found none at {parent}; create it first")
+    return parent
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path with the same suffix; on success move it onto ``path``.
@@ -28,11 +42,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     failed write never leaves a half-written output.
     """
     path = Path(path)
-    if path.exists() and path.is_dir():
-        raise VolumeIOError(f"expected an output file path, found a folder at {path}; give a file name")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise VolumeIOError(f"expected an existing output folder, found none at {parent}; create it first")
+    parent = check_output_path(path)
     suffix = full_suffix(path)
     stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
     tmp = parent / f".{stem}.{uuid.uuid4().hex[:8]}.tmp{suffix}"

@@ -15,9 +15,10 @@ from .labels import segment_table
 log = logging.getLogger(__name__)
 
 
-def _source_datasets(reference: Volume):
-    import pydicom
-
+def check_seg_source(reference: Volume | None) -> list:
+    """The source series' files of a DICOM SEG, or one line saying why ``reference`` cannot be one."""
+    if reference is None:
+        raise VolumeIOError("expected the source DICOM series as reference for DICOM SEG output, found none")
     files = reference.meta.get("dicom_files")
     if not files or reference.meta.get("format") != "dicom":
         raise VolumeIOError(
@@ -26,7 +27,13 @@ def _source_datasets(reference: Volume):
         )
     if len(files) == 1 and reference.meta.get("frame_order"):
         raise VolumeIOError("DICOM SEG output for enhanced multi-frame sources is not supported yet; write .seg.nrrd")
-    return [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    return files
+
+
+def _source_datasets(reference: Volume):
+    import pydicom
+
+    return [pydicom.dcmread(f, stop_before_pixels=True) for f in check_seg_source(reference)]
 
 
 def write_dicom_seg(labels: Volume, path: str | Path, reference: Volume, *, algorithm: str = "medsam3d") -> None:
@@ -36,8 +43,8 @@ def write_dicom_seg(labels: Volume, path: str | Path, reference: Volume, *, algo
 
     from .. import __version__
 
-    reference.check_same_grid(labels)
     sources = _source_datasets(reference)
+    reference.check_same_grid(labels)
     table = segment_table(labels)
     if not table:
         raise VolumeIOError("expected at least one labelled voxel for DICOM SEG output, found an empty label map")
