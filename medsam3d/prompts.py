@@ -11,7 +11,9 @@ Prompt file, version 1::
 
 ``box`` is ``[i_min, j_min, i_max, j_max]``, inclusive voxel indices on slice ``k = slice``.
 Entries with the same ``name`` are several prompts for one object; objects get label
-values 1, 2, ... in order of first appearance. ``z_range`` (inclusive) bounds the object.
+values 1, 2, ... in order of first appearance, unless an entry gives the object's ``label``
+(1..65535; the automatic numbering skips the values so taken). ``z_range`` (inclusive)
+bounds the object.
 ``box_ras`` holds two opposite corners of a 3D ROI in RAS mm (a Slicer ROI): it becomes
 a box on the ROI's middle slice and a ``z_range``.
 """
@@ -19,6 +21,7 @@ a box on the ROI's middle slice and a ``z_range``.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +33,7 @@ from .errors import PromptError
 from .volume import Volume
 
 _OBJECT_KEYS = {"name", "slice", "box", "z_range", "box_ras", "label"}
+MAX_LABEL = 65535  # label maps are written as uint8, or uint16 past 255
 
 
 @dataclass(frozen=True)
@@ -58,13 +62,23 @@ class ObjectPrompt:
                 "boxes": [{"slice": b.slice, "box": list(b.box)} for b in self.boxes]}
 
 
-def _int_list(value: Any, n: int, what: str) -> list[int]:
+def _numbers(value: Any, n: int, what: str) -> list[float]:
+    """``n`` finite numbers (not booleans, not NaN or infinite), or one line saying what was found."""
     if not isinstance(value, (list, tuple)) or len(value) != n:
         raise PromptError(f"expected {what} as a list of {n} numbers, found {value!r}")
+    if any(isinstance(v, bool) for v in value):
+        raise PromptError(f"expected {what} as numbers, found a true/false value in {value!r}")
     try:
         out = [float(v) for v in value]
     except (TypeError, ValueError):
         raise PromptError(f"expected {what} as numbers, found {value!r}") from None
+    if not all(math.isfinite(v) for v in out):
+        raise PromptError(f"expected {what} as finite numbers, found {value!r}")
+    return out
+
+
+def _int_list(value: Any, n: int, what: str) -> list[int]:
+    out = _numbers(value, n, what)
     if any(v != round(v) for v in out):
         raise PromptError(f"expected integer voxel indices in {what}, found {value!r}; use box_ras for millimetres")
     return [int(v) for v in out]
@@ -77,9 +91,10 @@ def box_from_ras(volume: Volume, corner_a: Sequence[float], corner_b: Sequence[f
     (rounded to the nearest voxel centre, clipped to the image), so oblique or flipped
     grids give the voxels whose centres the ROI contains.
     """
-    a, b = np.asarray(corner_a, float), np.asarray(corner_b, float)
-    if a.shape != (3,) or b.shape != (3,):
+    if not all(isinstance(c, (list, tuple, np.ndarray)) and len(c) == 3 for c in (corner_a, corner_b)):
         raise PromptError(f"expected two RAS corners of 3 numbers each, found {corner_a!r} and {corner_b!r}")
+    a = np.array(_numbers(list(corner_a), 3, "the first RAS corner"))
+    b = np.array(_numbers(list(corner_b), 3, "the second RAS corner"))
     lo, hi = np.minimum(a, b), np.maximum(a, b)
     corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
     ijk = volume.ras_to_index(corners)
@@ -115,6 +130,7 @@ def parse_prompts(data: dict[str, Any] | list[Any], volume: Volume) -> list[Obje
         raise PromptError("expected a non-empty 'objects' list in the prompt file, found none")
     I, J, K = volume.shape
     objects: dict[str, ObjectPrompt] = {}
+    explicit: dict[str, int] = {}  # name -> the label value its entries ask for
     for n, entry in enumerate(entries):
         where = f"object #{n + 1}"
         if not isinstance(entry, dict):
@@ -122,11 +138,21 @@ def parse_prompts(data: dict[str, Any] | list[Any], volume: Volume) -> list[Obje
         bad = set(entry) - _OBJECT_KEYS
         if bad:
             raise PromptError(f"expected only keys {sorted(_OBJECT_KEYS)} in {where}, found unknown {sorted(bad)}")
-        name = str(entry.get("name", "object"))
+        name = entry.get("name", "object")
+        if not isinstance(name, str) or not name.strip():
+            raise PromptError(f"expected 'name' of {where} as a non-empty text, found {name!r}")
+        name = name.strip()
         where = f"{where} ('{name}')"
         obj = objects.get(name)
         if obj is None:
-            obj = objects[name] = ObjectPrompt(name=name, label=len(objects) + 1)
+            obj = objects[name] = ObjectPrompt(name=name, label=0)  # numbered below
+        if "label" in entry:
+            label = _int_list([entry["label"]], 1, f"'label' of {where}")[0]
+            if not 1 <= label <= MAX_LABEL:
+                raise PromptError(f"expected 'label' of {where} within 1..{MAX_LABEL}, found {label}")
+            if explicit.setdefault(name, label) != label:
+                raise PromptError(f"expected one label value per object, found {explicit[name]} and {label} "
+                                  f"for '{name}'; entries with the same name prompt one object")
         if "box_ras" in entry:
             if "box" in entry or "slice" in entry:
                 raise PromptError(f"expected either 'box_ras' or 'box' + 'slice' in {where}, found both")
@@ -158,6 +184,7 @@ def parse_prompts(data: dict[str, Any] | list[Any], volume: Volume) -> list[Obje
             if not (0 <= z0 <= z1 < K):
                 raise PromptError(f"expected z_range of {where} with 0 <= start <= end <= {K - 1}, found {[z0, z1]}")
             obj.z_range = _merge_range(obj.z_range, (z0, z1))
+    _number_objects(list(objects.values()), explicit)
     for obj in objects.values():
         if obj.z_range:
             outside = [b.slice for b in obj.boxes if not obj.z_range[0] <= b.slice <= obj.z_range[1]]
@@ -165,6 +192,20 @@ def parse_prompts(data: dict[str, Any] | list[Any], volume: Volume) -> list[Obje
                 raise PromptError(f"expected the boxes of '{obj.name}' inside its z_range {list(obj.z_range)}, "
                                   f"found slices {outside}")
     return list(objects.values())
+
+
+def _number_objects(objects: list[ObjectPrompt], explicit: dict[str, int]) -> None:
+    """Label values: an object's ``label`` if its entries give one, else 1, 2, ... in order of first
+    appearance, skipping the values given explicitly. Two objects may not share a value."""
+    owner: dict[int, str] = {}
+    for name, label in explicit.items():
+        if label in owner:
+            raise PromptError(f"expected a different label value for each object, found {label} for both "
+                              f"'{owner[label]}' and '{name}'")
+        owner[label] = name
+    free = (v for v in range(1, MAX_LABEL + 1) if v not in owner)
+    for obj in objects:
+        obj.label = explicit[obj.name] if obj.name in explicit else next(free)
 
 
 def _merge_range(a: tuple[int, int] | None, b: tuple[int, int]) -> tuple[int, int]:

@@ -38,10 +38,41 @@ def test_issue_example_document(vol):
     ({"box": [0, 0, 5, 5]}, "'box' and 'slice'"),
     ({"slice": 3, "box": [0, 0, 5, 5], "z_range": [5, 9]}, "inside its z_range"),
     ({"slice": 3, "box": [0, 0, 5, 5], "z_range": [5, 2]}, "start <= end"),
+    # found by trying: these gave an internal error, or slice 1 for 'true', or a nameless object
+    ({"slice": True, "box": [0, 0, 5, 5]}, "true/false"),
+    ({"slice": 3, "box": [0, 0, 5, 1e999]}, "finite"),
+    ({"slice": 3, "box": [0, 0, 5, "NaN"]}, "finite"),
+    ({"box_ras": [[0, 0, "NaN"], [1, 1, 1]]}, "finite"),
+    ({"box_ras": [[0, 0, "x"], [1, 1, 1]]}, "as numbers"),
+    ({"name": "", "slice": 3, "box": [0, 0, 5, 5]}, "non-empty text"),
+    ({"name": None, "slice": 3, "box": [0, 0, 5, 5]}, "non-empty text"),
+    ({"slice": 3, "box": [0, 0, 5, 5], "label": 0}, "within 1..65535"),
+    ({"slice": 3, "box": [0, 0, 5, 5], "label": 2.5}, "integer"),
 ])
 def test_invalid_prompts_are_refused(vol, entry, message):
     with pytest.raises(PromptError, match=message):
         parse_prompts({"version": 1, "objects": [entry]}, vol)
+
+
+def test_explicit_label_values(vol):
+    """'label' was accepted and ignored: objects were numbered 1, 2, ... whatever it said."""
+    doc = {"version": 1, "objects": [
+        {"name": "tumor", "slice": 3, "box": [0, 0, 5, 5]},
+        {"name": "node", "slice": 4, "box": [0, 0, 5, 5], "label": 1},
+        {"name": "tumor", "slice": 5, "box": [0, 0, 5, 5]},
+        {"name": "mass", "slice": 5, "box": [0, 0, 5, 5]},
+        {"name": "cyst", "slice": 5, "box": [0, 0, 5, 5], "label": 300},
+    ]}
+    objs = parse_prompts(doc, vol)
+    assert [(o.name, o.label) for o in objs] == [("tumor", 2), ("node", 1), ("mass", 3), ("cyst", 300)]
+    clash = {"version": 1, "objects": [{"name": "a", "slice": 3, "box": [0, 0, 5, 5], "label": 4},
+                                       {"name": "b", "slice": 3, "box": [0, 0, 5, 5], "label": 4}]}
+    with pytest.raises(PromptError, match="found 4 for both 'a' and 'b'"):
+        parse_prompts(clash, vol)
+    twice = {"version": 1, "objects": [{"name": "a", "slice": 3, "box": [0, 0, 5, 5], "label": 4},
+                                       {"name": "a", "slice": 4, "box": [0, 0, 5, 5], "label": 5}]}
+    with pytest.raises(PromptError, match="one label value per object"):
+        parse_prompts(twice, vol)
 
 
 def test_document_level_errors(vol, tmp_path):

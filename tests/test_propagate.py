@@ -345,6 +345,22 @@ def test_several_prompts_and_objects_share_embeddings():
     assert result.encoded_slices == len(np.flatnonzero((a | b).any(axis=(0, 1)))) + 2
 
 
+def test_explicit_label_values_reach_the_label_map(tmp_path):
+    import medsam3d as m3
+
+    a = visible(ellipsoid((64, 64, 30), (20, 20, 15), (8, 8, 6)))
+    b = visible(ellipsoid((64, 64, 30), (45, 45, 12), (7, 7, 5)))
+    doc = {"version": 1, "objects": [{"name": "a", "slice": 15, "box": _box(a[:, :, 15]), "label": 300},
+                                     {"name": "b", "slice": 12, "box": _box(b[:, :, 12])}]}
+    result = segment(_volume(a | b), doc, model=ThresholdModel(), window="percentile", zoom=None,
+                     config=PropagationConfig(orthogonal=False))
+    assert np.array_equal(result.labels.array == 300, a) and np.array_equal(result.labels.array == 1, b)
+    assert [(o["name"], o["label"]) for o in result.objects] == [("a", 300), ("b", 1)]
+    for name in ("l.nii.gz", "l.seg.nrrd"):
+        back = m3.load_labels(m3.save(result.labels, tmp_path / name))
+        assert np.array_equal(back.array, result.labels.array), name
+
+
 def test_overlap_policies():
     a = np.zeros((10, 10, 4), bool)
     a[2:6, 2:6, 1:3] = True
