@@ -110,15 +110,18 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if args.path.is_dir():
         series = [s.as_dict() for s in list_dicom_series(args.path)]
         images = [s for s in series if s["rows"] is not None and s["modality"] not in ("RTSTRUCT", "SEG")]
+        if not series:
+            return _fail(f"expected DICOM files in {args.path}, found none")
         if args.series_uid is None and len(images) != 1:
             if args.json:
                 print(json.dumps({"path": str(args.path), "series": series}, indent=2))
             else:
-                print(f"{args.path}: {len(series)} series ({len(images)} image series); choose one with --series")
+                print(f"{args.path}: {len(series)} series ({len(images)} image series); " + (
+                    "choose one with --series" if images else "point to the folder of the image slices"))
                 for s in series:
                     size = f"{s['columns']}x{s['rows']}x{s['frames']}" if s["rows"] else "no pixels"
                     print(f"  {s['series_uid']}  {s['modality']:<8} {size}  {s['files']} file(s)  '{s['description']}'")
-            return 0 if series else _fail(f"expected DICOM files in {args.path}, found none")
+            return 0
     volume = load(args.path, series_uid=args.series_uid, allow_tilt=args.allow_tilt)
     info = describe_volume(volume)
     if series is not None:

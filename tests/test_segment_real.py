@@ -222,3 +222,14 @@ def test_cli_info_json_geometry():
     assert info["shape"] == [153, 163, 53] and info["axcodes"] == "LPS"
     np.testing.assert_allclose(info["spacing"], [0.976562, 0.976562, 3.27], atol=1e-5)
     assert np.array(info["affine"]).shape == (4, 4) and info["modality"] is None
+
+
+def test_cli_info_on_a_folder_without_images(tmp_path, capsys):
+    """An empty folder used to print a listing of 0 series before its error; an RTSTRUCT-only
+    folder told the user to choose a series with --series, of which it had none."""
+    code = main(["info", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == "" and "expected DICOM files" in captured.err
+    code = main(["info", str(shared("ibsi_sts_041/dicom/CT/mask"))])
+    out = capsys.readouterr().out
+    assert code == 0 and "(0 image series); point to the folder of the image slices" in out and "RTSTRUCT" in out
