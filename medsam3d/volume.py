@@ -15,12 +15,15 @@ Conventions (every other module relies on them):
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from .errors import GeometryError
+
+log = logging.getLogger(__name__)
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -214,6 +217,26 @@ def reorient(volume: Volume, axcodes: Sequence[str | None]) -> tuple[Volume, Reo
     reo = Reorientation(transform, volume.shape)
     new_affine = volume.affine @ reo.index_map
     return Volume(reo.apply(volume.array), new_affine, volume.meta), reo
+
+
+def on_grid(volume: Volume, reference: Volume, *, what: str = "label map") -> Volume:
+    """``volume`` on ``reference``'s grid, exactly: as it is, or with its voxel axes permuted/flipped.
+
+    A label map stored with other axis directions than its image (TotalSegmentator writes LAS
+    labels for an LPS CT) holds the same voxels: reorienting it is lossless. Any other
+    difference (shape, spacing, origin, an oblique or shifted lattice) would need resampling
+    and raises :class:`GeometryError` with both grids described.
+    """
+    if reference.same_grid(volume):
+        return volume
+    if volume.array.ndim == 3 and sorted(volume.shape) == sorted(reference.shape):
+        moved, _ = reorient(volume, reference.axcodes)
+        if reference.same_grid(moved):
+            log.info("%s stored with axes %s: put on the image's %s grid by permuting/flipping axes (exact)",
+                     what, "".join(volume.axcodes), "".join(reference.axcodes))
+            return moved
+    reference.check_same_grid(volume, what=what)
+    return volume
 
 
 def _code_to_ornt(code: str) -> tuple[float, float]:

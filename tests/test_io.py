@@ -95,6 +95,9 @@ def test_jpeg2000_ct_and_flipped_label_file_land_on_the_same_anatomy():
     assert soft(liver) > 0.98 and soft(aligned.array == 1) > 0.98
     assert soft(liver[:, ::-1, :]) < 0.8 and soft((aligned.array == 1)[:, ::-1, :]) < 0.5
     assert liver.sum() * ct.voxel_volume_mm3 / 1000 == pytest.approx(699.4, abs=0.5)
+    # load_labels puts it on the CT's grid by itself (it used to refuse it: "resample it first")
+    labels = m3.load_labels(shared("totalseg_ct_dicom/example_seg_dicom.nii.gz"), ct)
+    assert labels.same_grid(ct) and np.array_equal(labels.array, aligned.array)
 
 
 def test_dcmqi_three_slice_ct_and_its_label_maps_share_a_grid():

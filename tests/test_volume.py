@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 
 from medsam3d import GeometryError, Volume, reorient
 from medsam3d.io import from_nibabel, from_sitk, to_nibabel, to_sitk
-from medsam3d.volume import display_axcodes
+from medsam3d.volume import display_axcodes, on_grid
 
 from conftest import make_volume
 
@@ -76,3 +76,17 @@ def test_display_layout_keeps_slice_axis():
     sag = make_volume(axcodes="ASR")
     out, _ = reorient(sag, display_axcodes(sag))
     assert out.axcodes == ("P", "I", "R")
+
+
+@pytest.mark.parametrize("oblique", [0.0, 17.0])
+def test_on_grid_reorients_the_same_voxels_and_refuses_anything_else(oblique):
+    image = make_volume(axcodes="LPS", oblique_deg=oblique, shape=(5, 6, 7))
+    for codes in CODES:
+        stored, _ = reorient(image, tuple(codes))  # the same voxels, other axis directions
+        back = on_grid(stored, image)
+        assert back.same_grid(image) and np.array_equal(back.array, image.array)
+    shifted = Volume(image.array, image.affine @ np.array([[1, 0, 0, 0.5], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]))
+    with pytest.raises(GeometryError, match="resample it onto the image grid"):
+        on_grid(shifted, image)
+    with pytest.raises(GeometryError, match="resample it onto the image grid"):
+        on_grid(Volume(image.array[:, :, :6], image.affine), image)

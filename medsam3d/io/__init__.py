@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 
 from ..errors import VolumeIOError
-from ..volume import Volume
+from ..volume import Volume, on_grid
 from ._atomic import check_output_path, full_suffix
 from ._nifti import from_nibabel, read_nifti, to_nibabel, write_nifti
 from ._sitk import from_sitk, read_sitk, to_sitk, write_sitk
@@ -79,7 +79,9 @@ def load_labels(path: str | Path, reference: Volume | None = None) -> Volume:
     """Load a label map (NIfTI, NRRD, .seg.nrrd, DICOM SEG or RTSTRUCT).
 
     With ``reference`` the label map must lie on its grid (DICOM SEG and RTSTRUCT are
-    rasterised onto it); a mismatch raises :class:`~medsam3d.errors.GeometryError`.
+    rasterised onto it). The same voxels stored with other axis directions are put on it
+    exactly (see :func:`medsam3d.volume.on_grid`); any other mismatch raises
+    :class:`~medsam3d.errors.GeometryError`.
     """
     path = Path(path)
     _check_exists(path)
@@ -106,7 +108,7 @@ def load_labels(path: str | Path, reference: Volume | None = None) -> Volume:
                                 "give a label map, not an image")
         labels = labels.with_array(values.astype(np.int32))
     if reference is not None:
-        reference.check_same_grid(labels)
+        labels = on_grid(labels, reference)  # the same voxels stored with other axis directions are reoriented
     return labels
 
 
