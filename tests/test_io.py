@@ -157,6 +157,37 @@ def test_dicom_seg_needs_a_dicom_source(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_dicom_seg_of_an_anonymised_series(tmp_path):
+    """The TotalSegmentator CT has empty Study/Series/SOP Instance UIDs and SOP Class UID (the file
+    meta keeps the SOP ones). DICOM SEG output used to end in an internal error (KeyError: '')
+    after the whole segmentation; now it is refused before any work, and where only the SOP
+    UIDs are missing they are taken from the file meta."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    folder = shared("totalseg_ct_dicom/example_ct_dicom")
+    ct = m3.load(folder)
+    labels = m3.load_labels(shared("totalseg_ct_dicom/example_seg_dicom.nii.gz"), ct)
+    labels = labels.with_array(np.where(np.isin(labels.array, (1, 52)), labels.array, 0).astype(np.uint8))
+    with pytest.raises(VolumeIOError, match="StudyInstanceUID, SeriesInstanceUID for DICOM SEG.*empty"):
+        m3.io.check_output(tmp_path / "x.dcm", reference=ct)
+    with pytest.raises(VolumeIOError, match="StudyInstanceUID, SeriesInstanceUID"):
+        m3.save(labels, tmp_path / "x.dcm", reference=ct)
+    copy = tmp_path / "ct"
+    copy.mkdir()
+    study, series = generate_uid(), generate_uid()
+    for path in sorted(folder.iterdir()):
+        ds = pydicom.dcmread(path)
+        assert ds.SOPInstanceUID == "" and ds.file_meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.save_as(copy / path.name)
+    ct2 = m3.load(copy)
+    assert ct2.meta["sop_instance_uids"][0] and np.array_equal(ct2.array, ct.array)
+    out = m3.save(labels, tmp_path / "organs.dcm", reference=ct2)
+    back = m3.load_labels(out, ct2)
+    assert np.array_equal(back.array > 0, labels.array > 0) and len(back.segments) == 2
+
+
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
     import medsam3d.io._nifti as nifti_mod
 

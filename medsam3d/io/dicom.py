@@ -302,12 +302,29 @@ def _load_single_frames(datasets: list, *, allow_tilt: bool) -> Volume:
     array = _rescale(pixels, slopes, intercepts).transpose(1, 0, 2)  # (i=col, j=row, k)
     meta = {
         "dicom_files": [str(ds.filename) for ds in datasets],
-        "sop_instance_uids": [str(ds.SOPInstanceUID) for ds in datasets],
+        "sop_instance_uids": [instance_uid(ds) for ds in datasets],
+        **_reference_uids(first),
         "rescale": {"slope": slopes[0], "intercept": intercepts[0], "per_slice": len(set(slopes)) > 1 or len(set(intercepts)) > 1},
         "window": _window(first),
         "slice_thickness": float(getattr(first, "SliceThickness", 0) or 0) or None,
     }
     return Volume(np.ascontiguousarray(array), affine, meta)
+
+
+def instance_uid(ds, key: str = "SOPInstanceUID") -> str:
+    """``SOPInstanceUID`` (or ``SOPClassUID``), from the file meta where the data set leaves it empty."""
+    value = str(getattr(ds, key, "") or "")
+    meta = getattr(ds, "file_meta", None)
+    if value or meta is None:
+        return value
+    return str(getattr(meta, "MediaStorage" + key, "") or "")
+
+
+def _reference_uids(ds) -> dict[str, str]:
+    """The UIDs a DICOM SEG must reference (empty strings where an anonymiser removed them)."""
+    return {"study_instance_uid": str(getattr(ds, "StudyInstanceUID", "") or ""),
+            "series_instance_uid": str(getattr(ds, "SeriesInstanceUID", "") or ""),
+            "frame_of_reference_uid": str(getattr(ds, "FrameOfReferenceUID", "") or "")}
 
 
 def _window(ds) -> dict[str, float] | None:
@@ -365,7 +382,8 @@ def _load_multiframe(ds, *, allow_tilt: bool) -> Volume:
     meta = {
         "dicom_files": [str(ds.filename)],
         "frame_order": order.tolist(),
-        "sop_instance_uids": [str(ds.SOPInstanceUID)],
+        "sop_instance_uids": [instance_uid(ds)],
+        **_reference_uids(ds),
         "rescale": {"slope": slopes[0], "intercept": intercepts[0]},
         "window": None,
     }

@@ -27,13 +27,31 @@ def check_seg_source(reference: Volume | None) -> list:
         )
     if len(files) == 1 and reference.meta.get("frame_order"):
         raise VolumeIOError("DICOM SEG output for enhanced multi-frame sources is not supported yet; write .seg.nrrd")
+    meta = reference.meta
+    missing = [key for key, name in (("StudyInstanceUID", "study_instance_uid"),
+                                     ("SeriesInstanceUID", "series_instance_uid"),
+                                     ("FrameOfReferenceUID", "frame_of_reference_uid")) if meta.get(name) == ""]
+    if "" in meta.get("sop_instance_uids", ()):
+        missing.append("SOPInstanceUID")
+    if missing:
+        raise VolumeIOError(f"expected the source series' {', '.join(missing)} for DICOM SEG output (a SEG references "
+                            "them), found them empty (an anonymised series?); write .seg.nrrd or .nii.gz instead")
     return files
 
 
 def _source_datasets(reference: Volume):
     import pydicom
 
-    return [pydicom.dcmread(f, stop_before_pixels=True) for f in check_seg_source(reference)]
+    from .dicom import instance_uid
+
+    sources = []
+    for f in check_seg_source(reference):
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        for key in ("SOPClassUID", "SOPInstanceUID"):  # some anonymisers keep them in the file meta only
+            if not getattr(ds, key, ""):
+                setattr(ds, key, instance_uid(ds, key))
+        sources.append(ds)
+    return sources
 
 
 def write_dicom_seg(labels: Volume, path: str | Path, reference: Volume, *, algorithm: str = "medsam3d") -> None:
