@@ -8,19 +8,16 @@ from .errors import GeometryError, Medsam3dError, ModelError, PromptError, Volum
 from .io import list_dicom_series, load, load_dicom, load_labels, load_rtstruct, save  # noqa: E402
 from .volume import Volume, reorient  # noqa: E402
 
+# imported, not wrapped: a wrapper named like its module is replaced by the module itself as soon as
+# anything imports medsam3d.measure (then m3.measure(...) raised "'module' object is not callable")
+from .measure import measure  # noqa: E402
+
 
 def segment(volume, prompts, **kwargs):
     """Segment prompted objects in 3D (see :func:`medsam3d.pipeline.segment`)."""
     from .pipeline import segment as _segment
 
     return _segment(volume, prompts, **kwargs)
-
-
-def measure(labels, image=None, **kwargs):
-    """Measure each label and lesion (see :func:`medsam3d.measure.measure`)."""
-    from .measure import measure as _measure
-
-    return _measure(labels, image=image, **kwargs)
 
 
 def load_model(name="litemedsam", checkpoint=None, device="auto", **kwargs):

@@ -184,15 +184,18 @@ def _component_stats(mask: np.ndarray, labels: Volume, axial: tuple[np.ndarray, 
     return out
 
 
-def measure(labels: Volume, image: Volume | None = None, *, components: bool = True) -> list[dict[str, Any]]:
+def measure(labels: Volume | str, image: Volume | str | None = None, *, components: bool = True) -> list[dict[str, Any]]:
     """Measure every label (component 0 = the whole label) and, if ``components``, each lesion.
 
-    Returns one JSON-ready dict per (label, component).
+    ``labels`` and ``image`` are volumes or paths; the label map must hold the image's voxels
+    (see :func:`medsam3d.io.load_labels`). Returns one JSON-ready dict per (label, component).
     """
     from scipy import ndimage
 
-    if image is not None:
-        image.check_same_grid(labels, what="label map")
+    from .io import as_volume
+
+    image = as_volume(image) if image is not None else None
+    labels = as_volume(labels, labels=True, reference=image)
     # axial view: reorient (no resampling) so that k runs along I->S and slices are axial
     ax, reo = reorient(labels, ("L", "P", "S"))
     axial = (reo.apply, ax.affine)

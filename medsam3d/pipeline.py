@@ -18,6 +18,7 @@ import numpy as np
 
 from .errors import Medsam3dError
 from .fuse import fuse, taper_ends
+from .io import as_volume
 from .preprocess import MODALITIES, Window, apply_window, choose_window, finite_intensities
 from .prompts import BoxPrompt, ObjectPrompt, prompts_from
 from .propagate import ObjectResult, PropagationConfig, SliceEncoder, propagate
@@ -141,7 +142,7 @@ def segment(volume: Volume | str | os.PathLike, prompts, *, model=None, model_na
     from .models import load_model
 
     t0 = time.perf_counter()
-    volume = _as_volume(volume)
+    volume = as_volume(volume)
     if taper is not None and not (isinstance(taper, (int, float)) and 0 <= taper < float("inf")):
         raise Medsam3dError(f"expected a taper power >= 0 (0 or None: off), found {taper!r}")
     if zoom is not None and not (isinstance(zoom, (int, float)) and 0 <= zoom < float("inf")):
@@ -209,18 +210,6 @@ def segment(volume: Volume | str | os.PathLike, prompts, *, model=None, model_na
                                "taper": taper or None,
                                "zoom": zoom, "crop": list(crop) if crop else None,
                                "propagation": dict(vars(config))})
-
-
-def _as_volume(volume) -> Volume:
-    """A :class:`Volume`, or one loaded from a path; anything else is refused with one line."""
-    if isinstance(volume, Volume):
-        return volume
-    if isinstance(volume, (str, os.PathLike)):
-        from .io import load
-
-        return load(volume)
-    raise Medsam3dError(f"expected a medsam3d.Volume or a path to an image, found {type(volume).__name__}; "
-                        "wrap an array with its affine as Volume(array, affine) or load a file with medsam3d.load")
 
 
 def _object_masks(results: Sequence[ObjectResult], shape) -> tuple[list[np.ndarray], list[np.ndarray]]:

@@ -224,3 +224,24 @@ def test_pictures_show_the_lesion(tmp_path):
     cyan = (rgb[..., 0] < 60) & (rgb[..., 1] > 200) & (rgb[..., 2] > 200)
     assert yellow.sum() > 200 and red.sum() > 50 and cyan.sum() > 50
     assert main(["render", str(mask), "--view", "axial", "-o", str(tmp_path / "x.png")]) == 2
+
+
+def test_package_measure_is_the_function_and_takes_paths(tmp_path):
+    """m3.measure was a wrapper named like its module: once anything imported medsam3d.measure
+    (the CLI's --measure, render, this file), m3.measure(...) raised "'module' object is not
+    callable". Paths, and a label map stored with other axis directions, are accepted too."""
+    import medsam3d.measure  # noqa: F401  (what replaced the wrapper)
+
+    image_path, mask_path = EXAMPLE / "CT_image.nii.gz", EXAMPLE / "CT_mask.nii.gz"
+    first = m3.measure(mask_path, image=image_path, components=False)
+    again = m3.measure(m3.load_labels(mask_path), image=m3.load(image_path), components=False)
+    assert first == again and first[0]["volume_ml"] == pytest.approx(60.59, abs=0.01)
+    flipped, _ = m3.reorient(m3.load_labels(mask_path), ("R", "A", "I"))
+    assert m3.measure(flipped, image=image_path, components=False)[0]["voxels"] == first[0]["voxels"]
+    for call in (lambda: m3.measure(np.zeros((4, 4, 4), np.uint8)), lambda: m3.load(None),
+                 lambda: m3.load_labels(3), lambda: m3.save(np.zeros((4, 4, 4)), tmp_path / "x.nii.gz"),
+                 lambda: m3.save(m3.load_labels(mask_path), None)):
+        with pytest.raises(m3.Medsam3dError, match="expected a") as info:
+            call()
+        assert "\n" not in str(info.value)
+    assert not list(tmp_path.iterdir())

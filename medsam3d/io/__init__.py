@@ -8,9 +8,11 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
+from typing import Any
 
-from ..errors import VolumeIOError
+from ..errors import Medsam3dError, VolumeIOError
 from ..volume import Volume, on_grid
 from ._atomic import check_output_path, full_suffix
 from ._nifti import from_nibabel, read_nifti, to_nibabel, write_nifti
@@ -21,12 +23,30 @@ from .rtstruct import load_rtstruct
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "DicomSeries", "check_output", "from_nibabel", "from_sitk", "list_dicom_series", "load", "load_dicom", "load_labels",
+    "DicomSeries", "as_volume", "check_output", "from_nibabel", "from_sitk", "list_dicom_series", "load", "load_dicom", "load_labels",
     "load_rtstruct", "save", "to_nibabel", "to_sitk", "IMAGE_SUFFIXES", "LABEL_SUFFIXES",
 ]
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 LABEL_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".seg.nrrd", ".dcm")
+
+
+def _as_path(path: Any, what: str = "an image file or DICOM folder") -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise VolumeIOError(f"expected a path to {what}, found {type(path).__name__}")
+    return Path(path)
+
+
+def as_volume(value: Any, *, labels: bool = False, reference: Volume | None = None) -> Volume:
+    """A :class:`Volume` as given, or loaded from a path (``labels``: with :func:`load_labels` onto
+    ``reference``); anything else (an array, None) is refused with one line."""
+    if isinstance(value, Volume):
+        return on_grid(value, reference) if labels and reference is not None else value
+    if isinstance(value, (str, os.PathLike)):
+        return load_labels(value, reference) if labels else load(value)
+    what = "a label map" if labels else "an image"
+    raise Medsam3dError(f"expected a medsam3d.Volume or a path to {what}, found {type(value).__name__}; "
+                        "wrap an array with its affine as Volume(array, affine) or load a file with medsam3d.load")
 
 
 def _check_exists(path: Path) -> None:
@@ -36,7 +56,7 @@ def _check_exists(path: Path) -> None:
 
 def load(path: str | Path, *, series_uid: str | None = None, allow_tilt: bool = False) -> Volume:
     """Load a NIfTI/NRRD/MHA file or a DICOM folder (or one DICOM file's series) as a Volume."""
-    path = Path(path)
+    path = _as_path(path)
     _check_exists(path)
     if path.is_dir():
         return load_dicom(path, series_uid=series_uid, allow_tilt=allow_tilt)
@@ -83,7 +103,7 @@ def load_labels(path: str | Path, reference: Volume | None = None) -> Volume:
     exactly (see :func:`medsam3d.volume.on_grid`); any other mismatch raises
     :class:`~medsam3d.errors.GeometryError`.
     """
-    path = Path(path)
+    path = _as_path(path, "a label map file, DICOM SEG or RTSTRUCT")
     _check_exists(path)
     if path.is_file() and _is_dicom(path):
         import pydicom
@@ -136,7 +156,10 @@ def save(labels: Volume, path: str | Path, *, reference: Volume | None = None) -
     with names and colours) or ``.dcm`` (DICOM SEG; needs the DICOM ``reference`` series).
     The write is atomic: on failure no file is left behind.
     """
-    path = Path(path)
+    path = _as_path(path, "an output file")
+    if not isinstance(labels, Volume):
+        raise Medsam3dError(f"expected a medsam3d.Volume to save, found {type(labels).__name__}; wrap an array "
+                            "with its affine as Volume(array, affine), or image.with_array(array) on an image's grid")
     suffix = full_suffix(path)
     if reference is not None:
         reference.check_same_grid(labels)
