@@ -100,10 +100,14 @@ def test_jpeg2000_ct_and_flipped_label_file_land_on_the_same_anatomy():
     assert labels.same_grid(ct) and np.array_equal(labels.array, aligned.array)
 
 
-def test_dcmqi_three_slice_ct_and_its_label_maps_share_a_grid():
+def test_dcmqi_three_slice_ct_and_its_label_maps_share_a_grid(tmp_path):
     ct = m3.load(shared("dcmqi_ct3slice/ct-3slice"))
     liver = m3.load_labels(shared("dcmqi_ct3slice/liver_seg.nrrd"), ct)
     assert liver.array.sum() * ct.voxel_volume_mm3 / 1000 == pytest.approx(70.4, abs=0.1)
+    # its SpecificCharacterSet is '' (highdicom refused it: internal error ValueError); as DICOM SEG and back
+    both = m3.load_labels(shared("dcmqi_ct3slice/liver_spine_seg.nrrd"), ct)
+    back = m3.load_labels(m3.save(both, tmp_path / "seg.dcm", reference=ct), ct)
+    assert np.array_equal(back.array, both.array) and sorted(back.segments) == [1, 2]
 
 
 @pytest.mark.parametrize("modality", ["CT", "MR_T1"])

@@ -50,6 +50,8 @@ def _source_datasets(reference: Volume):
         for key in ("SOPClassUID", "SOPInstanceUID"):  # some anonymisers keep them in the file meta only
             if not getattr(ds, key, ""):
                 setattr(ds, key, instance_uid(ds, key))
+        if "SpecificCharacterSet" in ds and not ds.SpecificCharacterSet:
+            del ds.SpecificCharacterSet  # empty means the default repertoire; highdicom refuses ''
         sources.append(ds)
     return sources
 
@@ -87,7 +89,18 @@ def write_dicom_seg(labels: Volume, path: str | Path, reference: Volume, *, algo
             display_color=lab,
         ))
     pixels = remap[np.asarray(labels.array, dtype=np.int64)].transpose(2, 1, 0)  # (k, rows, cols)
-    seg = hd.seg.Segmentation(
+    try:
+        seg = _segmentation(hd, sources, pixels, descriptions, __version__)
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        raise VolumeIOError(f"expected a source series highdicom can reference in a DICOM SEG, found one it refuses "
+                            f"({type(exc).__name__}: {exc}); write .seg.nrrd or .nii.gz instead") from None
+    with atomic_path(path) as tmp:
+        seg.save_as(str(tmp))
+    log.info("wrote DICOM SEG %s (%d segments)", path, len(descriptions))
+
+
+def _segmentation(hd, sources, pixels, descriptions, version):
+    return hd.seg.Segmentation(
         source_images=sources,
         pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -98,13 +111,10 @@ def write_dicom_seg(labels: Volume, path: str | Path, reference: Volume, *, algo
         instance_number=1,
         manufacturer="medsam3d",
         manufacturer_model_name="medsam3d",
-        software_versions=__version__,
+        software_versions=version,
         device_serial_number="0",
         omit_empty_frames=True,
     )
-    with atomic_path(path) as tmp:
-        seg.save_as(str(tmp))
-    log.info("wrote DICOM SEG %s (%d segments)", path, len(descriptions))
 
 
 def read_dicom_seg(path: str | Path, reference: Volume) -> Volume:
