@@ -389,14 +389,18 @@ def _orthogonal_pass(encoder: SliceEncoder, obj: ObjectPrompt, result: ObjectRes
         adaptive = True
     # a given z_range comes with a box on one slice that need not be the largest: wider sections
     positions = (obj.z_range and config.section_positions_3d) or config.section_positions
-    if obj.z_range and z[1] - z[0] + 1 < config.section_min_slices:
-        boxes, sections = {}, 0  # a short range: every slice's box is the key box's (see slice_box)
+    # a short range, or a volume of a few slices (whose sections are a few pixels high): no sections,
+    # every slice's box is the key box's (see slice_box); without a z_range an empty mask still ends it
+    short = (z[1] - z[0] if obj.z_range else K - 1) + 1 < config.section_min_slices
+    if short:
+        z = obj.z_range or (0, K - 1)
+        boxes, sections = {}, 0
     else:
         boxes, sections = orthogonal_boxes(encoder.model, encoder.images, config.voxel_mm, start.box, z,
                                            adaptive=adaptive, margin=config.section_margin_3d if obj.z_range else 0.05,
                                            positions=tuple(positions))
     encoder.sections_encoded += sections
-    lo, hi = (obj.z_range if obj.z_range else (min(boxes, default=start.slice), max(boxes, default=start.slice)))
+    lo, hi = z if obj.z_range or short else (min(boxes, default=start.slice), max(boxes, default=start.slice))
     slices = {k: result.slices[k] for k in keys}
     empty: set[int] = set()
     foreign: set[int] = set()  # slices whose mask failed the content check (also in ``empty``)
@@ -433,12 +437,12 @@ def _orthogonal_pass(encoder: SliceEncoder, obj: ObjectPrompt, result: ObjectRes
         bound = hi if direction > 0 else lo
         todo = []  # the slices of this direction, in walking order, up to where the sections end
         for k in range(start.slice + direction, bound + direction, direction):
-            if k not in boxes and not obj.z_range and k not in keys:
+            if k not in boxes and not obj.z_range and not short and k not in keys:
                 result.stop_reasons[side] = f"orthogonal sections end at slice {k}"
                 break
             todo.append(k)
         else:
-            result.stop_reasons[side] = "z_range end" if obj.z_range else "sections end"
+            result.stop_reasons[side] = "z_range end" if obj.z_range else "volume edge" if short else "sections end"
         last_good = start.slice
         n = 0
         while n < len(todo):

@@ -123,6 +123,18 @@ def test_short_z_range_skips_the_sections():
         assert np.array_equal(got, want)
 
 
+def test_a_volume_of_a_few_slices_skips_the_sections():
+    """Without a z_range, a volume under section_min_slices slices has sections a few pixels high:
+    no sections, the key box on every slice, an empty mask still ends the object."""
+    obj = visible(ellipsoid((60, 60, 4), (30, 30, 1), (14, 11, 3)))
+    obj[:, :, 3] = False  # the object ends before the last slice
+    doc = {"version": 1, "objects": [{"slice": 1, "box": _box(obj[:, :, 1])}]}
+    result = segment(_volume(obj), doc, model=ThresholdModel(), window="percentile", zoom=None, taper=0)
+    assert result.settings["encoded_sections"] == 0 and result.objects[0]["slices"] == [0, 2]
+    assert np.array_equal(result.labels.array == 1, obj)
+    assert result.objects[0]["stopped"] == {"up": "empty mask at slice 3", "down": "volume edge"}
+
+
 def test_fast_preset_encodes_less():
     obj = visible(ellipsoid((60, 60, 40), (30, 30, 20), (14, 11, 13)))
     doc = {"version": 1, "objects": [{"slice": 20, "box": _box(obj[:, :, 20]), "z_range": [6, 33]}]}

@@ -131,6 +131,20 @@ def test_dicom_series_to_dicom_seg(tmp_path, litemedsam):
     assert dice(back.array[:, :, k - 1 : k + 2] == 1, ref[:, :, k - 1 : k + 2]) >= 0.8
 
 
+def test_a_three_slice_ct_is_segmented_on_every_slice(tmp_path, litemedsam):
+    """dcmqi's 3-slice CT (1 mm apart): a 2D box on the liver used to give 0.50 Dice, its sections
+    being 3 pixels high (slice 2 empty, slice 0 at 6 % of the liver); the DICOM SEG from it
+    used to fail on the series' empty SpecificCharacterSet."""
+    ct = m3.load(shared("dcmqi_ct3slice/ct-3slice"))
+    ref = m3.load_labels(shared("dcmqi_ct3slice/liver_seg.nrrd"), ct).array == 1
+    prompts = {"version": 1, "objects": [{"name": "liver", "slice": 1, "box": _box(ref[:, :, 1])}]}
+    result = m3.segment(ct, prompts, model=litemedsam, taper=0)
+    liver = result.labels.array == 1
+    assert min(dice(liver[:, :, k], ref[:, :, k]) for k in range(3)) >= 0.89  # measured 0.926, 0.917, 0.905
+    back = m3.load_labels(m3.save(result.labels, tmp_path / "liver.dcm", reference=ct), ct)
+    assert np.array_equal(back.array, result.labels.array)
+
+
 def test_cli_segment_writes_output_and_report(tmp_path, capsys):
     prompts = tmp_path / "p.json"
     prompts.write_text(json.dumps({"version": 1, "objects": [
