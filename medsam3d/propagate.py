@@ -126,7 +126,7 @@ class PropagationConfig:
         central pair of sections sees a chord of the object off its centre; with the default cap
         the volumes ran 8-12 % low). On a 2-core CPU, 3D box, 8 cases: mean Dice CT 0.834, MR 0.823
         against the defaults' 0.845 and 0.829, in about half their time: 0.25-0.28x (CT) and
-        0.26-0.33x (MR) of the naive loop's, summed over the cases, over five runs whose naive loop
+        0.26-0.33x (MR) of the naive loop's, summed over the cases, over six runs whose naive loop
         moved by up to 25 % (see the README's benchmark)."""
         settings = dict(blend_embeddings=True, stride=4, section_positions_3d=(0.5,), chain_cap_3d=1.0)
         settings.update(changes)

@@ -23,8 +23,8 @@ from .rtstruct import load_rtstruct
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "DicomSeries", "as_volume", "check_output", "from_nibabel", "from_sitk", "list_dicom_series", "load", "load_dicom", "load_labels",
-    "load_rtstruct", "save", "to_nibabel", "to_sitk", "IMAGE_SUFFIXES", "LABEL_SUFFIXES",
+    "DicomSeries", "as_volume", "check_output", "from_nibabel", "from_sitk", "list_dicom_series", "load",
+    "load_dicom", "load_labels", "load_rtstruct", "save", "to_nibabel", "to_sitk", "IMAGE_SUFFIXES", "LABEL_SUFFIXES",
 ]
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
