@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -90,10 +91,16 @@ def write_dicom_seg(labels: Volume, path: str | Path, reference: Volume, *, algo
         ))
     pixels = remap[np.asarray(labels.array, dtype=np.int64)].transpose(2, 1, 0)  # (k, rows, cols)
     try:
-        seg = _segmentation(hd, sources, pixels, descriptions, __version__)
+        # highdicom and pydicom warn about the source's own values (a one-part PatientName, an over-long
+        # SH copied over); the user cannot act on them here: logged (-v), not printed as tracebacks
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            seg = _segmentation(hd, sources, pixels, descriptions, __version__)
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         raise VolumeIOError(f"expected a source series highdicom can reference in a DICOM SEG, found one it refuses "
                             f"({type(exc).__name__}: {exc}); write .seg.nrrd or .nii.gz instead") from None
+    for warning in caught:
+        log.info("DICOM SEG: %s", str(warning.message).split(". ")[0])
     with atomic_path(path) as tmp:
         seg.save_as(str(tmp))
     log.info("wrote DICOM SEG %s (%d segments)", path, len(descriptions))
