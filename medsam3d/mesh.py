@@ -124,6 +124,21 @@ def mesh_properties(poly) -> dict[str, float | int | bool]:
             "watertight": boundary == 0 and nonmanifold == 0}
 
 
+def write_quietly(writer, what: str) -> None:
+    """Run a VTK writer with VTK's own error printing off; a failure becomes one line (VolumeIOError)."""
+    import vtk
+
+    shown = vtk.vtkObject.GetGlobalWarningDisplay()
+    vtk.vtkObject.GlobalWarningDisplayOff()
+    try:
+        returned = writer.Write()  # 1/0 for polydata writers, None for image writers (void Write)
+    finally:
+        vtk.vtkObject.SetGlobalWarningDisplay(shown)
+    if returned == 0 or writer.GetErrorCode():
+        raise VolumeIOError(f"expected to write {what}, found the file cannot be written there "
+                            f"(VTK error code {writer.GetErrorCode()}); check the folder's permissions and free space")
+
+
 def write_mesh(poly, path: str | Path, *, label: int | None = None) -> Path:
     """Write a mesh as STL, OBJ, PLY or VTP (atomically)."""
     import vtk
@@ -152,8 +167,7 @@ def write_mesh(poly, path: str | Path, *, label: int | None = None) -> Path:
     with atomic_path(path) as tmp:
         writer.SetFileName(str(tmp))
         writer.SetInputData(poly)
-        if not writer.Write():
-            raise VolumeIOError(f"could not write the mesh to {path}")
+        write_quietly(writer, f"the mesh to {path}")
     log.info("wrote %s", path)
     return path
 

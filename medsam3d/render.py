@@ -39,7 +39,7 @@ def render_meshes(labels: Volume, path: str | Path, *, labels_to_show: Sequence[
     _import_torchvision_first()
     vtk = require("vtk", "rendering")
     from .io.labels import segment_table
-    from .mesh import label_mesh
+    from .mesh import label_mesh, write_quietly
 
     table = segment_table(labels)
     values = list(labels_to_show or table)
@@ -81,7 +81,7 @@ def render_meshes(labels: Volume, path: str | Path, *, labels_to_show: Sequence[
         writer = vtk.vtkPNGWriter()
         writer.SetFileName(str(tmp))
         writer.SetInputConnection(grab.GetOutputPort())
-        writer.Write()
+        write_quietly(writer, f"the picture to {path}")
     window.Finalize()
     log.info("wrote %s", path)
     return path

@@ -1,5 +1,7 @@
 """Measurements and meshes on analytic phantoms and real masks (pyradiomics as the reference)."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -224,6 +226,20 @@ def test_pictures_show_the_lesion(tmp_path):
     cyan = (rgb[..., 0] < 60) & (rgb[..., 1] > 200) & (rgb[..., 2] > 200)
     assert yellow.sum() > 200 and red.sum() > 50 and cyan.sum() > 50
     assert main(["render", str(mask), "--view", "axial", "-o", str(tmp_path / "x.png")]) == 2
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc: a folder no one can write to")
+def test_a_failed_vtk_write_says_so_in_one_line(capfd):
+    """VTK's writers used to print their own multi-line error; render then said 'expected the
+    writer to create .../.m.tmp.png, found nothing'. Now one line says what could not be written."""
+    from medsam3d.cli import main
+
+    mask = str(EXAMPLE / "CT_mask.nii.gz")
+    for command in (["mesh", mask, "-o", "/proc/m.stl"], ["mesh", mask, "-o", "/proc/m.ply"],
+                    ["render", mask, "-o", "/proc/v.png"]):
+        assert main(command) == 2
+        err = [line for line in capfd.readouterr().err.splitlines() if "X server" not in line]
+        assert len(err) == 1 and "cannot be written there" in err[0], err
 
 
 def test_package_measure_is_the_function_and_takes_paths(tmp_path):
