@@ -184,12 +184,19 @@ def test_dicom_seg_of_an_anonymised_series(tmp_path):
         ds = pydicom.dcmread(path)
         assert ds.SOPInstanceUID == "" and ds.file_meta.MediaStorageSOPInstanceUID
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        for key in ("AccessionNumber", "ReferringPhysicianName", "StudyID"):  # type 2, dropped by some anonymisers
+            if key in ds:
+                delattr(ds, key)
         ds.save_as(copy / path.name)
     ct2 = m3.load(copy)
     assert ct2.meta["sop_instance_uids"][0] and np.array_equal(ct2.array, ct.array)
     out = m3.save(labels, tmp_path / "organs.dcm", reference=ct2)
     back = m3.load_labels(out, ct2)
     assert np.array_equal(back.array > 0, labels.array > 0) and len(back.segments) == 2
+    # dicom2nifti's oblique Hitachi MR has no FrameOfReferenceUID at all (highdicom: internal ValueError)
+    hitachi = m3.load(shared("dicom2nifti/hitachi/anatomical/001"))
+    with pytest.raises(VolumeIOError, match="FrameOfReferenceUID for DICOM SEG"):
+        m3.io.check_output(tmp_path / "x.dcm", reference=hitachi)
 
 
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):

@@ -303,7 +303,6 @@ def _load_single_frames(datasets: list, *, allow_tilt: bool) -> Volume:
     meta = {
         "dicom_files": [str(ds.filename) for ds in datasets],
         "sop_instance_uids": [instance_uid(ds) for ds in datasets],
-        **_reference_uids(first),
         "rescale": {"slope": slopes[0], "intercept": intercepts[0], "per_slice": len(set(slopes)) > 1 or len(set(intercepts)) > 1},
         "window": _window(first),
         "slice_thickness": float(getattr(first, "SliceThickness", 0) or 0) or None,
@@ -318,13 +317,6 @@ def instance_uid(ds, key: str = "SOPInstanceUID") -> str:
     if value or meta is None:
         return value
     return str(getattr(meta, "MediaStorage" + key, "") or "")
-
-
-def _reference_uids(ds) -> dict[str, str]:
-    """The UIDs a DICOM SEG must reference (empty strings where an anonymiser removed them)."""
-    return {"study_instance_uid": str(getattr(ds, "StudyInstanceUID", "") or ""),
-            "series_instance_uid": str(getattr(ds, "SeriesInstanceUID", "") or ""),
-            "frame_of_reference_uid": str(getattr(ds, "FrameOfReferenceUID", "") or "")}
 
 
 def _window(ds) -> dict[str, float] | None:
@@ -383,7 +375,6 @@ def _load_multiframe(ds, *, allow_tilt: bool) -> Volume:
         "dicom_files": [str(ds.filename)],
         "frame_order": order.tolist(),
         "sop_instance_uids": [instance_uid(ds)],
-        **_reference_uids(ds),
         "rescale": {"slope": slopes[0], "intercept": intercepts[0]},
         "window": None,
     }

@@ -29,15 +29,19 @@ def check_seg_source(reference: Volume | None) -> list:
     if len(files) == 1 and reference.meta.get("frame_order"):
         raise VolumeIOError("DICOM SEG output for enhanced multi-frame sources is not supported yet; write .seg.nrrd")
     meta = reference.meta
-    missing = [key for key, name in (("StudyInstanceUID", "study_instance_uid"),
-                                     ("SeriesInstanceUID", "series_instance_uid"),
-                                     ("FrameOfReferenceUID", "frame_of_reference_uid")) if meta.get(name) == ""]
+    missing = [key for key, name in (("StudyInstanceUID", "study_uid"), ("SeriesInstanceUID", "series_uid"),
+                                     ("FrameOfReferenceUID", "frame_of_reference_uid")) if not meta.get(name)]
     if "" in meta.get("sop_instance_uids", ()):
         missing.append("SOPInstanceUID")
     if missing:
         raise VolumeIOError(f"expected the source series' {', '.join(missing)} for DICOM SEG output (a SEG references "
-                            "them), found them empty (an anonymised series?); write .seg.nrrd or .nii.gz instead")
+                            "them), found them empty or absent (an anonymised series?); write .seg.nrrd or .nii.gz instead")
     return files
+
+
+#: the patient and study attributes of type 2 that a SEG copies from its source
+_TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                 "ReferringPhysicianName", "StudyID", "AccessionNumber")
 
 
 def _source_datasets(reference: Volume):
@@ -53,6 +57,9 @@ def _source_datasets(reference: Volume):
                 setattr(ds, key, instance_uid(ds, key))
         if "SpecificCharacterSet" in ds and not ds.SpecificCharacterSet:
             del ds.SpecificCharacterSet  # empty means the default repertoire; highdicom refuses ''
+        for key in _TYPE2_COPIED:  # type 2: must be present, may be empty; anonymisers drop some
+            if key not in ds:
+                setattr(ds, key, "")
         sources.append(ds)
     return sources
 
