@@ -184,7 +184,8 @@ def _component_stats(mask: np.ndarray, labels: Volume, axial: tuple[np.ndarray, 
     return out
 
 
-def measure(labels: Volume | str, image: Volume | str | None = None, *, components: bool = True) -> list[dict[str, Any]]:
+def measure(labels: Volume | str, image: Volume | str | None = None, *,
+            components: bool = True) -> list[dict[str, Any]]:
     """Measure every label (component 0 = the whole label) and, if ``components``, each lesion.
 
     ``labels`` and ``image`` are volumes or paths; the label map must hold the image's voxels

@@ -15,6 +15,10 @@ from .labels import segment_table
 
 log = logging.getLogger(__name__)
 
+#: the patient and study attributes of type 2 (present, possibly empty) that a SEG copies from its source
+_TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                 "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
 
 def check_seg_source(reference: Volume | None) -> list:
     """The source series' files of a DICOM SEG, or one line saying why ``reference`` cannot be one."""
@@ -34,14 +38,10 @@ def check_seg_source(reference: Volume | None) -> list:
     if "" in meta.get("sop_instance_uids", ()):
         missing.append("SOPInstanceUID")
     if missing:
-        raise VolumeIOError(f"expected the source series' {', '.join(missing)} for DICOM SEG output (a SEG references "
-                            "them), found them empty or absent (an anonymised series?); write .seg.nrrd or .nii.gz instead")
+        raise VolumeIOError(f"expected the source series' {', '.join(missing)} for DICOM SEG output (a SEG "
+                            "references them), found them empty or absent (an anonymised series?); "
+                            "write .seg.nrrd or .nii.gz instead")
     return files
-
-
-#: the patient and study attributes of type 2 that a SEG copies from its source
-_TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-                 "ReferringPhysicianName", "StudyID", "AccessionNumber")
 
 
 def _source_datasets(reference: Volume):
