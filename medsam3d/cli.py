@@ -42,8 +42,13 @@ def _get_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("segment", help="segment prompted objects in 3D and write a label map")
     p.add_argument("input", type=Path, help="NIfTI/NRRD/MHA file or DICOM folder")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompts", type=Path, help="prompt JSON file (version 1)")
-    src.add_argument("--box", action="append", metavar="I0,J0,I1,J1@K", help="box on slice K (repeatable)")
+    src.add_argument("--prompts", type=Path, help="prompt JSON file (version 1), or a 3D Slicer markups file "
+                                                  "(.mrk.json) with ROIs")
+    src.add_argument("--box", action="append", metavar="I0,J0,I1,J1@K[:Z0..Z1]",
+                     help="box on slice K in voxel indices, optionally with the object's slice range Z0..Z1 "
+                          "(repeatable: one object each)")
+    src.add_argument("--box-ras", action="append", metavar="R0,A0,S0,R1,A1,S1",
+                     help="3D box by two opposite corners in RAS mm, as a Slicer ROI (repeatable: one object each)")
     p.add_argument("-o", "--output", type=Path, required=True, help="label map: .nii.gz, .nrrd, .seg.nrrd or .dcm (SEG)")
     p.add_argument("--json", dest="report", type=Path, help="write a JSON report here")
     p.add_argument("--model", default="litemedsam", help="litemedsam (default, bundled), medsam, sam-vit-b/l/h")
@@ -166,7 +171,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     from .io._atomic import atomic_path, check_output_path
     from .pipeline import segment
     from .propagate import PropagationConfig
-    from .prompts import load_prompts, parse_box_option, parse_prompts
+    from .prompts import load_prompts, parse_box_option, parse_box_ras_option, parse_prompts
 
     check_output(args.output)  # refuse what save() would refuse before the work, not after it
     if args.report:
@@ -176,7 +181,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     if args.prompts:
         objects = load_prompts(args.prompts, volume)
     else:
-        entries = [parse_box_option(spec) for spec in args.box]
+        entries = ([parse_box_option(spec) for spec in args.box] if args.box
+                   else [parse_box_ras_option(spec) for spec in args.box_ras])
         for n, entry in enumerate(entries, start=1):
             entry["name"] = f"object {n}" if len(entries) > 1 else "object"
         objects = parse_prompts({"version": 1, "objects": entries}, volume)
@@ -320,10 +326,25 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _join_negative_values(argv: Sequence[str]) -> list[str]:
+    """``--box-ras -12.5,40,...``: argparse takes a value that starts with a minus for an option and
+    refuses it; join such values to their option (``--box-ras=-12.5,40,...``)."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] in _COORDINATE_OPTIONS and arg.startswith("-") and arg[1:2].isdigit():
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
+_COORDINATE_OPTIONS = ("--box", "--box-ras")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _get_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(_join_negative_values(sys.argv[1:] if argv is None else argv))
     except SystemExit as exc:  # bad arguments (exit 2, one line already printed), --help, --version
         return int(exc.code or 0)
     level = logging.WARNING - 10 * min(args.verbose, 2)

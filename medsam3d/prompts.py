@@ -16,11 +16,15 @@ values 1, 2, ... in order of first appearance, unless an entry gives the object'
 bounds the object.
 ``box_ras`` holds two opposite corners of a 3D ROI in RAS mm (a Slicer ROI): it becomes
 a box on the ROI's middle slice and a ``z_range``.
+
+A 3D Slicer markups file (``.mrk.json``) is read too: each ROI in it is one object (see
+:func:`markups_to_entries`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -33,7 +37,10 @@ from .errors import PromptError
 from .volume import Volume
 
 _OBJECT_KEYS = {"name", "slice", "box", "z_range", "box_ras", "label"}
+_MARKUP_KEYS = {"box_corners_ras"}  # set by :func:`markups_to_entries` only
 MAX_LABEL = 65535  # label maps are written as uint8, or uint16 past 255
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -89,7 +96,8 @@ def box_from_ras(volume: Volume, corner_a: Sequence[float], corner_b: Sequence[f
 
     The ROI's 8 corners are mapped to voxel space and the covering index range is kept
     (rounded to the nearest voxel centre, clipped to the image), so oblique or flipped
-    grids give the voxels whose centres the ROI contains.
+    grids give the voxels whose centres the ROI contains (a centre within 1/1000 voxel of
+    the ROI's face counts as inside).
     """
     if not all(isinstance(c, (list, tuple, np.ndarray)) and len(c) == 3 for c in (corner_a, corner_b)):
         raise PromptError(f"expected two RAS corners of 3 numbers each, found {corner_a!r} and {corner_b!r}")
@@ -97,9 +105,18 @@ def box_from_ras(volume: Volume, corner_a: Sequence[float], corner_b: Sequence[f
     b = np.array(_numbers(list(corner_b), 3, "the second RAS corner"))
     lo, hi = np.minimum(a, b), np.maximum(a, b)
     corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
+    return box_from_ras_corners(volume, corners)
+
+
+def box_from_ras_corners(volume: Volume, corners: np.ndarray) -> tuple[BoxPrompt, tuple[int, int]]:
+    """The voxel box covering a ROI given by its corners in RAS mm (any number, e.g. the 8 of a
+    rotated Slicer ROI) -> (box on its middle slice, inclusive z range); see :func:`box_from_ras`."""
+    corners = np.asarray(corners, np.float64).reshape(-1, 3)
+    lo, hi = corners.min(axis=0), corners.max(axis=0)
     ijk = volume.ras_to_index(corners)
-    imin = np.ceil(ijk.min(axis=0) - 1e-6).astype(int)
-    imax = np.floor(ijk.max(axis=0) + 1e-6).astype(int)
+    # a voxel centre within 1/1000 voxel of a face counts as inside: typed millimetres are rounded
+    imin = np.ceil(ijk.min(axis=0) - 1e-3).astype(int)
+    imax = np.floor(ijk.max(axis=0) + 1e-3).astype(int)
     shape = np.array(volume.shape)
     if np.any(imax < 0) or np.any(imin > shape - 1):
         raise PromptError(
@@ -114,8 +131,64 @@ def box_from_ras(volume: Volume, corner_a: Sequence[float], corner_b: Sequence[f
     return box, (int(imin[2]), int(imax[2]))
 
 
-def parse_prompts(data: dict[str, Any] | list[Any], volume: Volume) -> list[ObjectPrompt]:
-    """Validate a version-1 prompt document against ``volume`` and group it into objects."""
+def markups_to_entries(data: dict[str, Any], source: str = "the markups file") -> list[dict[str, Any]]:
+    """A 3D Slicer markups file (``.mrk.json``) -> prompt-file entries, one object per ROI markup.
+
+    Each ROI's 8 corners (``center`` +- ``size`` / 2 along the axes of its ``orientation``, a
+    3x3 matrix whose columns are the ROI's axes) are given as ``box_corners_ras``; positions in
+    ``LPS`` (Slicer's default on disk) are turned to RAS, ``um`` to mm. The object's name is the
+    markup's ``name`` (or ``roi N``). Other markup types (points, lines) are not boxes: they are
+    refused when no ROI is there, and skipped (with a log line) beside one.
+    """
+    markups = data.get("markups")
+    if not isinstance(markups, list) or not markups:
+        raise PromptError(f"expected a non-empty 'markups' list in {source}, found {markups!r}")
+    entries, skipped = [], []
+    for n, markup in enumerate(markups, start=1):
+        if not isinstance(markup, dict) or markup.get("type") != "ROI":
+            skipped.append(markup.get("type") if isinstance(markup, dict) else type(markup).__name__)
+            continue
+        where = f"ROI #{n} of {source}"
+        if "center" not in markup or "size" not in markup:
+            raise PromptError(f"expected 'center' and 'size' in {where}, found {sorted(markup)}; "
+                              "save the ROI from Slicer 5 or later")
+        center = np.array(_numbers(markup["center"], 3, f"'center' of {where}"))
+        size = np.array(_numbers(markup["size"], 3, f"'size' of {where}"))
+        if np.any(size < 0):
+            raise PromptError(f"expected a ROI size >= 0 in {where}, found {size.tolist()}")
+        axes = np.array(_numbers(markup.get("orientation", [1, 0, 0, 0, 1, 0, 0, 0, 1]), 9,
+                                 f"'orientation' of {where}")).reshape(3, 3)
+        units = markup.get("coordinateUnits", "mm")
+        units = units[0] if isinstance(units, list) and units else units
+        if units not in ("mm", "um"):
+            raise PromptError(f"expected coordinateUnits mm or um in {where}, found {units!r}")
+        system = markup.get("coordinateSystem", "LPS")
+        if system not in ("LPS", "RAS"):
+            raise PromptError(f"expected coordinateSystem LPS or RAS in {where}, found {system!r}")
+        signs = np.array([[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)], np.float64)
+        corners = center + (signs * size / 2) @ axes.T  # column c of ``axes`` is the ROI's axis c
+        corners = corners / 1000.0 if units == "um" else corners
+        if system == "LPS":
+            corners = corners * np.array([-1.0, -1.0, 1.0])
+        name = markup.get("name")
+        entries.append({"name": name.strip() if isinstance(name, str) and name.strip() else f"roi {n}",
+                        "box_corners_ras": corners.tolist()})
+    if not entries:
+        raise PromptError(f"expected at least one ROI (box) markup in {source}, found only {skipped}; "
+                          "draw the box with Slicer's ROI tool")
+    if skipped:
+        log.warning("%s: skipped %d markups that are not ROIs (%s)", source, len(skipped),
+                                            ", ".join(map(str, skipped)))
+    return entries
+
+
+def parse_prompts(data: dict[str, Any] | list[Any], volume: Volume, source: str = "the markups file"
+                  ) -> list[ObjectPrompt]:
+    """Validate a version-1 prompt document (or a 3D Slicer markups document holding ROIs, see
+    :func:`markups_to_entries`) against ``volume`` and group it into objects."""
+    markups = isinstance(data, dict) and "markups" in data
+    if markups:
+        data = {"version": 1, "objects": markups_to_entries(data, source)}
     if isinstance(data, list):
         data = {"version": 1, "objects": data}
     if not isinstance(data, dict):
@@ -135,7 +208,7 @@ def parse_prompts(data: dict[str, Any] | list[Any], volume: Volume) -> list[Obje
         where = f"object #{n + 1}"
         if not isinstance(entry, dict):
             raise PromptError(f"expected {where} to be a JSON object, found {entry!r}")
-        bad = set(entry) - _OBJECT_KEYS
+        bad = set(entry) - _OBJECT_KEYS - (_MARKUP_KEYS if markups else set())
         if bad:
             raise PromptError(f"expected only keys {sorted(_OBJECT_KEYS)} in {where}, found unknown {sorted(bad)}")
         name = entry.get("name", "object")
@@ -153,7 +226,11 @@ def parse_prompts(data: dict[str, Any] | list[Any], volume: Volume) -> list[Obje
             if explicit.setdefault(name, label) != label:
                 raise PromptError(f"expected one label value per object, found {explicit[name]} and {label} "
                                   f"for '{name}'; entries with the same name prompt one object")
-        if "box_ras" in entry:
+        if "box_corners_ras" in entry:
+            box, z_range = box_from_ras_corners(volume, np.array(entry["box_corners_ras"]))
+            obj.boxes.append(box)
+            obj.z_range = _merge_range(obj.z_range, z_range)
+        elif "box_ras" in entry:
             if "box" in entry or "slice" in entry:
                 raise PromptError(f"expected either 'box_ras' or 'box' + 'slice' in {where}, found both")
             corners = entry["box_ras"]
@@ -220,19 +297,36 @@ def load_prompts(path: str | Path, volume: Volume) -> list[ObjectPrompt]:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise PromptError(f"expected valid JSON in {path}, found a syntax error ({exc}); fix the file") from None
-    return parse_prompts(data, volume)
+    return parse_prompts(data, volume, source=path.name)
 
 
-_BOX_RE = re.compile(r"^\s*(-?\d+),(-?\d+),(-?\d+),(-?\d+)@(-?\d+)\s*$")
+_BOX_RE = re.compile(r"^\s*(-?\d+),(-?\d+),(-?\d+),(-?\d+)@(-?\d+)(?::(-?\d+)\.\.(-?\d+))?\s*$")
 
 
 def parse_box_option(spec: str) -> dict[str, Any]:
-    """CLI shortcut ``i0,j0,i1,j1@k`` -> one prompt-file object entry."""
+    """CLI shortcut ``i0,j0,i1,j1@k`` (or ``i0,j0,i1,j1@k:z0..z1`` with the object's inclusive
+    slice range, a 3D box) -> one prompt-file object entry."""
     match = _BOX_RE.match(spec)
     if not match:
-        raise PromptError(f"expected --box as i0,j0,i1,j1@k (voxel indices), found {spec!r}")
-    i0, j0, i1, j1, k = (int(g) for g in match.groups())
-    return {"name": "object", "slice": k, "box": [i0, j0, i1, j1]}
+        raise PromptError(f"expected --box as i0,j0,i1,j1@k or i0,j0,i1,j1@k:z0..z1 (voxel indices), found {spec!r}")
+    i0, j0, i1, j1, k = (int(g) for g in match.groups()[:5])
+    entry: dict[str, Any] = {"name": "object", "slice": k, "box": [i0, j0, i1, j1]}
+    if match.group(6) is not None:
+        entry["z_range"] = [int(match.group(6)), int(match.group(7))]
+    return entry
+
+
+def parse_box_ras_option(spec: str) -> dict[str, Any]:
+    """CLI shortcut ``R0,A0,S0,R1,A1,S1`` (two opposite corners of a 3D ROI in RAS mm) -> one
+    prompt-file object entry."""
+    parts = spec.split(",")
+    try:
+        values = [float(v) for v in parts]
+    except ValueError:
+        values = []
+    if len(values) != 6 or not all(math.isfinite(v) for v in values):
+        raise PromptError(f"expected --box-ras as R0,A0,S0,R1,A1,S1 (two opposite corners in RAS mm), found {spec!r}")
+    return {"name": "object", "box_ras": [values[:3], values[3:]]}
 
 
 def prompts_from(spec: Iterable[dict[str, Any]] | dict[str, Any] | list[ObjectPrompt], volume: Volume) -> list[ObjectPrompt]:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from medsam3d import PromptError
-from medsam3d.prompts import box_from_ras, load_prompts, parse_box_option, parse_prompts
+from medsam3d.prompts import box_from_ras, load_prompts, parse_box_option, parse_box_ras_option, parse_prompts
 
 from conftest import make_volume
 
@@ -90,8 +90,62 @@ def test_document_level_errors(vol, tmp_path):
 
 def test_box_option():
     assert parse_box_option("1,2,30,40@7") == {"name": "object", "slice": 7, "box": [1, 2, 30, 40]}
-    with pytest.raises(PromptError, match="i0,j0,i1,j1@k"):
-        parse_box_option("1,2,30@7")
+    assert parse_box_option("1,2,30,40@7:5..9") == {"name": "object", "slice": 7, "box": [1, 2, 30, 40],
+                                                      "z_range": [5, 9]}
+    for bad in ("1,2,30@7", "1,2,30,40@7:5", "1,2,30,40@7:5-9"):
+        with pytest.raises(PromptError, match="i0,j0,i1,j1@k"):
+            parse_box_option(bad)
+    assert parse_box_ras_option("-12.5,40,100,10,61.5,130") == {
+        "name": "object", "box_ras": [[-12.5, 40.0, 100.0], [10.0, 61.5, 130.0]]}
+    for bad in ("1,2,3", "1,2,3,4,5,x", "1,2,3,4,5,nan"):
+        with pytest.raises(PromptError, match="R0,A0,S0,R1,A1,S1"):
+            parse_box_ras_option(bad)
+
+
+def _slicer_roi(center_lps, size, orientation=(1, 0, 0, 0, 1, 0, 0, 0, 1), **extra):
+    """One ROI markup as 3D Slicer 5 writes it to a .mrk.json file (positions in LPS)."""
+    return {"type": "ROI", "coordinateSystem": "LPS", "coordinateUnits": "mm", "roiType": "Box",
+            "center": list(center_lps), "orientation": list(orientation), "size": list(size),
+            "controlPoints": [], "measurements": [], **extra}
+
+
+@pytest.mark.parametrize("codes", ["LPS", "RAS", "PIR"])
+def test_slicer_markups_roi_file(codes, tmp_path):
+    """A Slicer ROI saved as .mrk.json gives the box of the same ROI given as box_ras; rotated by 90
+    degrees about S with its sizes swapped it is the same box; micrometres and RAS files are read."""
+    vol = make_volume(shape=(50, 60, 30), spacing=(0.7, 0.9, 2.5), axcodes=codes)
+    a, b = vol.index_to_ras([10, 20, 5]), vol.index_to_ras([30, 41, 17])
+    (expected,) = parse_prompts({"version": 1, "objects": [{"name": "mass", "box_ras": [a.tolist(), b.tolist()]}]},
+                                vol)
+    centre_ras, size = (a + b) / 2, np.abs(b - a)
+    centre_lps = centre_ras * [-1, -1, 1]
+    rotated = (0, -1, 0, 1, 0, 0, 0, 0, 1)  # the ROI's x axis along A (LPS P), its y axis along -R
+    doc = {"@schema": "https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/Resources/"
+                      "Schema/markups-schema-v1.0.3.json#",
+           "markups": [_slicer_roi(centre_lps, size, name="mass"),
+                       _slicer_roi(centre_lps, size[[1, 0, 2]], rotated),
+                       _slicer_roi(centre_lps * 1000, size * 1000, coordinateUnits="um"),
+                       _slicer_roi(centre_ras, size, coordinateSystem="RAS"),
+                       {"type": "Fiducial", "coordinateSystem": "LPS", "controlPoints": []}]}
+    path = tmp_path / "R.mrk.json"
+    path.write_text(json.dumps(doc))
+    objects = load_prompts(path, vol)
+    assert [o.name for o in objects] == ["mass", "roi 2", "roi 3", "roi 4"]
+    assert [o.label for o in objects] == [1, 2, 3, 4]
+    for obj in objects:
+        assert obj.boxes == expected.boxes and obj.z_range == expected.z_range == (5, 17), obj
+
+
+def test_slicer_markups_without_a_roi_are_refused(vol):
+    points = {"markups": [{"type": "Fiducial", "coordinateSystem": "LPS", "controlPoints": []}]}
+    with pytest.raises(PromptError, match="at least one ROI .*found only \\['Fiducial'\\]"):
+        parse_prompts(points, vol)
+    for markup, message in ((_slicer_roi((0, 0, 0), (5, 5, 5), coordinateSystem="XYZ"), "LPS or RAS"),
+                            (_slicer_roi((0, 0, 0), (5, -5, 5)), "size >= 0"),
+                            (_slicer_roi((0, 0, float("nan")), (5, 5, 5)), "finite numbers"),
+                            ({"type": "ROI", "controlPoints": []}, "'center' and 'size'")):
+        with pytest.raises(PromptError, match=message):
+            parse_prompts({"markups": [markup]}, vol)
 
 
 @pytest.mark.parametrize("codes", ["LPS", "RAS", "LAS", "PIR"])

@@ -218,6 +218,38 @@ def test_cli_refuses_an_unwritable_output_before_segmenting(tmp_path, capsys, mo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.nii.gz", "l.nii.gz"]
 
 
+def test_cli_3d_boxes_in_voxels_in_ras_and_from_a_slicer_roi(tmp_path, capsys, monkeypatch):
+    """--box with a slice range, --box-ras (a first value with a minus sign, which argparse would
+    take for an option) and a Slicer .mrk.json ROI reach segment() as the same 3D box."""
+    import medsam3d.pipeline
+
+    seen = []
+
+    def record(volume, objects, **kwargs):
+        seen.append([(o.name, o.boxes, o.z_range) for o in objects])
+        raise m3.Medsam3dError("recorded")
+
+    monkeypatch.setattr(medsam3d.pipeline, "segment", record)
+    image = m3.load(CASE / "CT_image.nii.gz")
+    a, b = image.index_to_ras([57, 57, 21]), image.index_to_ras([100, 109, 25])
+    corners = ",".join(f"{v:.4f}" for v in (*a, *b))
+    centre, size = (a + b) / 2, np.abs(b - a)
+    roi = tmp_path / "R.mrk.json"
+    roi.write_text(json.dumps({"@schema": "markups-schema-v1.0.3.json#", "markups": [
+        {"type": "ROI", "name": "object", "coordinateSystem": "LPS", "center": (centre * [-1, -1, 1]).tolist(),
+         "size": size.tolist(), "orientation": [1, 0, 0, 0, 1, 0, 0, 0, 1]}]}))
+    out = str(tmp_path / "l.nii.gz")
+    for args in (["--box", "57,57,100,109@23:21..25"], ["--box-ras", corners], ["--prompts", str(roi)]):
+        assert main(["segment", str(CASE / "CT_image.nii.gz"), *args, "-o", out]) == 2
+        assert "recorded" in capsys.readouterr().err
+    assert seen[0] == seen[1] == seen[2] == [("object", [m3.prompts.BoxPrompt(23, (57, 57, 100, 109))], (21, 25))]
+    # a minus sign in front of the first coordinate: the value, not an unknown option
+    flipped = ",".join(f"{v:.4f}" for v in (-200.0, *a[1:], -150.0, *b[1:]))
+    assert main(["segment", str(CASE / "CT_image.nii.gz"), "--box-ras", flipped, "-o", out]) == 2
+    assert "overlap the image" in capsys.readouterr().err
+    assert not list(tmp_path.glob("l.*"))
+
+
 def test_cli_errors_as_a_user_sees_them(tmp_path):
     """A real subprocess: exit code 2, one line on stderr, no traceback."""
     for argv in (["info", str(tmp_path / "nope.nii.gz")],
