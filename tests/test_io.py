@@ -110,6 +110,31 @@ def test_dcmqi_three_slice_ct_and_its_label_maps_share_a_grid(tmp_path):
     assert np.array_equal(back.array, both.array) and sorted(back.segments) == [1, 2]
 
 
+def test_dicom_seg_codes_follow_the_object_names(tmp_path):
+    """Every segment used to be coded Neoplasm, a spleen too. The codes now come from the name:
+    a lesion term (with the organ before it as the anatomic region), an anatomical structure, or
+    Neoplasm for a name that says neither."""
+    import pydicom
+
+    ct = m3.load(shared("dcmqi_ct3slice/ct-3slice"))
+    both = m3.load_labels(shared("dcmqi_ct3slice/liver_spine_seg.nrrd"), ct)
+    three = both.with_array(np.where(both.array == 2, 3, both.array).astype(np.uint8))
+    three.array[:20, :20, :] = 2
+    three.meta["segments"] = {1: {"name": "liver tumor", "color": (1, 0, 0)}, 2: {"name": "object", "color": (0, 1, 0)},
+                              3: {"name": "left kidney", "color": (0, 0, 1)}}
+    path = m3.save(three, tmp_path / "seg.dcm", reference=ct)
+    found = [(s.SegmentLabel, s.SegmentedPropertyCategoryCodeSequence[0].CodeMeaning,
+              s.SegmentedPropertyTypeCodeSequence[0].CodeValue, s.SegmentedPropertyTypeCodeSequence[0].CodeMeaning,
+              [r.CodeMeaning for r in s.get("AnatomicRegionSequence", [])])
+             for s in pydicom.dcmread(path).SegmentSequence]
+    assert found == [("liver tumor", "Morphologically Abnormal Structure", "108369006", "Neoplasm", ["Liver"]),
+                     ("object", "Morphologically Abnormal Structure", "108369006", "Neoplasm", []),
+                     ("left kidney", "Anatomical Structure", "64033007", "Kidney", [])]
+    back = m3.load_labels(path, ct)
+    assert np.array_equal(back.array, three.array)
+    assert [back.segments[v]["name"] for v in (1, 2, 3)] == ["liver tumor", "object", "left kidney"]
+
+
 @pytest.mark.parametrize("modality", ["CT", "MR_T1"])
 def test_rtstruct_rasterisation_matches_nifti_mask(modality):
     image = m3.load(shared(f"ibsi_sts_041/dicom/{modality}/image"))

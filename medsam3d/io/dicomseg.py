@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from pathlib import Path
 
@@ -18,6 +19,55 @@ log = logging.getLogger(__name__)
 #: the patient and study attributes of type 2 (present, possibly empty) that a SEG copies from its source
 _TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
                  "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+#: words of object names that mean a neoplasm, beside the terms of DICOM CID 7159 (Lesion Segmentation Types)
+_NEOPLASM_WORDS = {"tumor": "Neoplasm", "tumour": "Neoplasm", "cancer": "Neoplasm", "carcinoma": "Neoplasm",
+                   "sarcoma": "Neoplasm", "gtv": "Neoplasm", "metastasis": "NeoplasmSecondary",
+                   "metastases": "NeoplasmSecondary", "tumors": "Neoplasm", "tumours": "Neoplasm",
+                   "lesions": "Lesion", "nodules": "Nodule", "cysts": "Cyst", "masses": "Mass"}
+
+
+_LATERALITY = {"left", "right", "bilateral", "l", "r"}
+
+
+def segment_codes(name: str):
+    """DICOM codes of a segment from its object's name: (property category, property type, anatomic
+    region or None), all SNOMED CT from DICOM's segmentation context groups (pydicom's code dictionary).
+
+    * a lesion term (CID 7159: neoplasm, mass, lesion, nodule, cyst, ...; "tumor", "tumour",
+      "cancer", "sarcoma", "GTV" and "metastasis" mean a neoplasm) -> Morphologically Abnormal
+      Structure; words before it that name an anatomical structure become the anatomic region
+      ("liver tumor": Neoplasm in the Liver);
+    * an anatomical structure of CID 7151 ("spleen", "left kidney", "lymph node") -> Anatomical
+      Structure (a device of CID 7157 -> Physical Object); numbers and laterality words are
+      left out of the codes (they stay in the label);
+    * anything else (e.g. "object") -> Neoplasm, what this tool is for; the name stays the segment label.
+    """
+    from pydicom.sr.codedict import codes
+
+    # numbers ("mass 2") and laterality ("left kidney": DICOM codes it as a modifier) are left to the label
+    words = [w for w in re.findall(r"[A-Za-z0-9]+", name) if not w.isdigit() and w.lower() not in _LATERALITY]
+
+    def concept(collection, ws):
+        if len(ws) == 1 and ws[0].lower() in _NEOPLASM_WORDS and collection is codes.cid7159:
+            return getattr(codes.cid7159, _NEOPLASM_WORDS[ws[0].lower()])
+        keyword = "".join(w[:1].upper() + w[1:].lower() for w in ws)
+        return getattr(collection, keyword, None) if keyword else None
+
+    abnormal, anatomical = codes.SCT.MorphologicallyAbnormalStructure, codes.SCT.AnatomicalStructure
+    for start in range(len(words)):  # the longest lesion term at the end of the name
+        lesion = concept(codes.cid7159, words[start:])
+        if lesion is not None:
+            region = concept(codes.cid7151, words[:start]) if start else None
+            if region is not None and concept(codes.cid7159, words[:start]) is not None:
+                region = None  # "necrosis lesion": not an anatomic region
+            return abnormal, lesion, region
+    whole = concept(codes.cid7151, words)
+    if whole is not None:
+        category = codes.SCT.PhysicalObject if concept(codes.cid7157, words) is not None else anatomical
+        return category, whole, None
+    return abnormal, codes.SCT.Neoplasm, None
 
 
 def check_seg_source(reference: Volume | None) -> list:
@@ -85,11 +135,13 @@ def write_dicom_seg(labels: Volume, path: str | Path, reference: Volume, *, algo
     for number, (value, info) in enumerate(table.items(), start=1):
         remap[value] = number
         lab = hd.color.CIELabColor.from_rgb(*(int(round(255 * float(c))) for c in info["color"]))
+        category, kind, region = segment_codes(str(info["name"]))
         descriptions.append(hd.seg.SegmentDescription(
             segment_number=number,
             segment_label=str(info["name"])[:64],
-            segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
-            segmented_property_type=codes.SCT.Neoplasm,
+            segmented_property_category=category,
+            segmented_property_type=kind,
+            anatomic_regions=[region] if region is not None else None,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algo,
             tracking_id=f"label {value}",
