@@ -68,11 +68,18 @@ def render_meshes(labels: Volume, path: str | Path, *, labels_to_show: Sequence[
     text.GetTextProperty().SetColor(0.2, 0.2, 0.2)
     text.GetTextProperty().SetFontSize(16)
     renderer.AddViewProp(text)
-    window = vtk.vtkRenderWindow()
-    window.SetOffScreenRendering(1)
-    window.AddRenderer(renderer)
-    window.SetSize(*size)
-    window.Render()
+    # without a display VTK tries X, warns "bad X server connection" on stderr and renders offscreen
+    # (EGL/OSMesa) all the same: its warnings are not the user's business, its errors still are
+    verbosity = vtk.vtkLogger.GetCurrentVerbosityCutoff()
+    vtk.vtkLogger.SetStderrVerbosity(vtk.vtkLogger.VERBOSITY_ERROR)
+    try:
+        window = vtk.vtkRenderWindow()
+        window.SetOffScreenRendering(1)
+        window.AddRenderer(renderer)
+        window.SetSize(*size)
+        window.Render()
+    finally:
+        vtk.vtkLogger.SetStderrVerbosity(verbosity)
     grab = vtk.vtkWindowToImageFilter()
     grab.SetInput(window)
     grab.Update()
