@@ -111,8 +111,9 @@ def segment(volume: Volume | str | os.PathLike, prompts, *, model=None, model_na
         :func:`medsam3d.load` reads. NaN or infinite voxels
         are shown to the model as its lowest intensity (counted in ``settings["non_finite_voxels"]``);
         a constant image is refused.
-    prompts : list of ObjectPrompt, prompt document (dict) or list of prompt entries
-        See :mod:`medsam3d.prompts` (voxel boxes on a slice, ``z_range``, ``box_ras``).
+    prompts : list of ObjectPrompt, prompt document (dict), list of prompt entries, or a path
+        See :mod:`medsam3d.prompts` (voxel boxes on a slice, ``z_range``, ``box_ras``); a path is
+        read as a prompt file (version 1, or a 3D Slicer markups file with ROIs).
     model : SliceModel, optional
         A loaded model; otherwise ``model_name``/``checkpoint``/``device`` build one.
     window : str, optional

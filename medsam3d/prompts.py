@@ -329,10 +329,14 @@ def parse_box_ras_option(spec: str) -> dict[str, Any]:
     return {"name": "object", "box_ras": [values[:3], values[3:]]}
 
 
-def prompts_from(spec: Iterable[dict[str, Any]] | dict[str, Any] | list[ObjectPrompt], volume: Volume) -> list[ObjectPrompt]:
-    """Accept parsed ObjectPrompts, a prompt document, or a list of entries."""
+def prompts_from(spec: Iterable[dict[str, Any]] | dict[str, Any] | list[ObjectPrompt] | str | Path, volume: Volume
+                 ) -> list[ObjectPrompt]:
+    """Accept parsed ObjectPrompts, a prompt document, a list of entries, or the path of a prompt
+    file (version 1 or a Slicer ``.mrk.json``)."""
     if spec is None:
         raise PromptError("expected prompts (a prompt document, a list of entries or of ObjectPrompt), found None")
+    if isinstance(spec, (str, Path)) or hasattr(spec, "__fspath__"):
+        return load_prompts(Path(spec), volume)
     if isinstance(spec, list) and spec and all(isinstance(o, ObjectPrompt) for o in spec):
         return spec  # type: ignore[return-value]
     return parse_prompts(spec if isinstance(spec, dict) else list(spec), volume)

@@ -1,5 +1,7 @@
 """Propagation and fusion logic with a weight-free model whose answer is known."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -310,6 +312,14 @@ def test_segment_takes_a_path_and_refuses_what_it_cannot_use(tmp_path):
     from_volume = segment(vol, doc, model=ThresholdModel(), window="percentile", modality="MR")
     assert np.array_equal(from_path.labels.array, from_volume.labels.array) and from_path.window.modality == "MR"
     assert from_path.labels.same_grid(vol)
+    # the prompts as a file's path (it used to be read as a list of entries: "expected object #1 to be a
+    # JSON object, found '/'"), as str and as Path
+    (tmp_path / "p.json").write_text(json.dumps(doc))
+    for prompts in (str(tmp_path / "p.json"), tmp_path / "p.json"):
+        from_file = segment(vol, prompts, model=ThresholdModel(), window="percentile", modality="MR")
+        assert np.array_equal(from_file.labels.array, from_volume.labels.array)
+    with pytest.raises(PromptError, match="expected a prompt JSON file at"):
+        segment(vol, tmp_path / "missing.json", model=ThresholdModel())
     for kwargs, message in (({"volume": vol.array}, "expected a medsam3d.Volume or a path"),
                             ({"prompts": None}, "expected prompts"),
                             ({"zoom": -1}, "expected a zoom context >= 0"),
