@@ -380,12 +380,16 @@ def _orthogonal_pass(encoder: SliceEncoder, obj: ObjectPrompt, result: ObjectRes
     if obj.z_range:
         z, adaptive = obj.z_range, False
     else:
-        # first guess: the key box's largest in-plane size x section_reach each way, and every
-        # prompted slice; the sections then grow while the object goes on
+        # first guess: the key box's largest in-plane size x section_reach each way from the middle of
+        # the prompted slices (the key slice itself when there is one), and every prompted slice; the
+        # sections then grow while the object goes on. (Centred on the largest box's slice instead, two
+        # boxes at a third and two thirds of a tumour gave a range shifted towards one of them, and the
+        # sections' masks, which follow their box, ended early on one side and late on the other.)
         b = start.box
         reach = int(np.ceil(max((b[2] - b[0] + 1) * config.voxel_mm[0], (b[3] - b[1] + 1) * config.voxel_mm[1])
                             / config.voxel_mm[2] * config.section_reach))
-        z = (max(0, min(min(keys), start.slice - reach)), min(K - 1, max(max(keys), start.slice + reach)))
+        middle = (min(keys) + max(keys)) / 2
+        z = (max(0, min(min(keys), int(np.floor(middle - reach)))), min(K - 1, max(max(keys), int(np.ceil(middle + reach)))))
         adaptive = True
     # a given z_range comes with a box on one slice that need not be the largest: wider sections
     positions = (obj.z_range and config.section_positions_3d) or config.section_positions
