@@ -326,6 +326,9 @@ def _fail(message: str) -> int:
     return 2
 
 
+_COORDINATE_OPTIONS = ("--box", "--box-ras")  # their values may start with a minus sign
+
+
 def _join_negative_values(argv: Sequence[str]) -> list[str]:
     """``--box-ras -12.5,40,...``: argparse takes a value that starts with a minus for an option and
     refuses it; join such values to their option (``--box-ras=-12.5,40,...``)."""
@@ -336,9 +339,6 @@ def _join_negative_values(argv: Sequence[str]) -> list[str]:
         else:
             out.append(arg)
     return out
-
-
-_COORDINATE_OPTIONS = ("--box", "--box-ras")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
