@@ -250,6 +250,27 @@ def test_cli_3d_boxes_in_voxels_in_ras_and_from_a_slicer_roi(tmp_path, capsys, m
     assert not list(tmp_path.glob("l.*"))
 
 
+def test_cli_slicer_roi_end_to_end_with_the_real_model(tmp_path, capsys):
+    """A 3D Slicer ROI file (LPS, as Slicer saves it) around the example sarcoma's slices 21-25,
+    segmented by the real LiteMedSAM through the CLI, against the expert contour."""
+    image = m3.load(CASE / "CT_image.nii.gz")
+    ref = m3.load_labels(CASE / "CT_mask.nii.gz", image).array == 1
+    a, b = image.index_to_ras([56.6, 56.6, 20.6]), image.index_to_ras([100.4, 109.4, 25.4])
+    roi = tmp_path / "R.mrk.json"
+    roi.write_text(json.dumps({"@schema": "markups-schema-v1.0.3.json#", "markups": [
+        {"type": "ROI", "name": "sarcoma", "coordinateSystem": "LPS", "coordinateUnits": "mm",
+         "center": ((a + b) / 2 * [-1, -1, 1]).tolist(), "size": np.abs(b - a).tolist(),
+         "orientation": [-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0]}]}))
+    out = tmp_path / "labels.seg.nrrd"
+    assert main(["segment", str(CASE / "CT_image.nii.gz"), "--prompts", str(roi), "-o", str(out), "--no-progress"]) == 0
+    assert "sarcoma (label 1):" in capsys.readouterr().out
+    labels = m3.load(out)
+    pred = labels.array == 1
+    assert labels.same_grid(image) and labels.segments[1]["name"] == "sarcoma"
+    assert pred[:, :, :21].sum() == 0 and pred[:, :, 26:].sum() == 0
+    assert dice(pred[:, :, 21:26], ref[:, :, 21:26]) >= 0.9  # measured 0.937 (the same box in voxels)
+
+
 def test_cli_errors_as_a_user_sees_them(tmp_path):
     """A real subprocess: exit code 2, one line on stderr, no traceback."""
     for argv in (["info", str(tmp_path / "nope.nii.gz")],
