@@ -9,8 +9,8 @@ with ``--device cuda``, the peak GPU memory allocated by torch.
 Methods
   naive-3d : the reference LiteMedSAM 3D-box algorithm: from the middle slice of the
              reference box up and down through its z range, every slice encoded alone
-             (whole slice, batch 1, PyTorch), next box = previous mask's box + 5 px,
-             falling back to the original box when a mask is empty.
+             (whole slice, batch 1, PyTorch, segment-anything's own mask decoder), next box =
+             previous mask's box + 5 px, falling back to the original box when a mask is empty.
   ours-3d  : medsam3d with the same prompt (middle-slice box + z_range), default settings
              (orthogonal guidance, stride 3, chain vote; ONNX Runtime encoder and decoder on a CPU,
              batches of 8 slices with PyTorch on a GPU).
@@ -154,7 +154,9 @@ def run_one(data: Path, case: str, method: str, device: str = "cpu", slice_mm: f
     config = PropagationConfig.fast() if method.endswith("-fast") else PropagationConfig(
         blend_embeddings=method.endswith("-blend"))
     if method == "naive-3d":
-        model = load_model("litemedsam", device=device, runtime="torch")
+        from medsam3d.models.litemedsam import LiteMedSAM
+
+        model = LiteMedSAM(device=device, runtime="torch", decoder="reference")  # segment-anything's decoder
         _warm_up(model)
         t0 = time.perf_counter()
         window = choose_window(image)

