@@ -108,9 +108,11 @@ def box_from_ras(volume: Volume, corner_a: Sequence[float], corner_b: Sequence[f
     return box_from_ras_corners(volume, corners)
 
 
-def box_from_ras_corners(volume: Volume, corners: np.ndarray) -> tuple[BoxPrompt, tuple[int, int]]:
+def box_from_ras_corners(volume: Volume, corners: np.ndarray, hint: str = "check the coordinates are RAS, not LPS"
+                         ) -> tuple[BoxPrompt, tuple[int, int]]:
     """The voxel box covering a ROI given by its corners in RAS mm (any number, e.g. the 8 of a
-    rotated Slicer ROI) -> (box on its middle slice, inclusive z range); see :func:`box_from_ras`."""
+    rotated Slicer ROI) -> (box on its middle slice, inclusive z range); see :func:`box_from_ras`.
+    ``hint`` ends the error for a ROI outside the image."""
     corners = np.asarray(corners, np.float64).reshape(-1, 3)
     lo, hi = corners.min(axis=0), corners.max(axis=0)
     ijk = volume.ras_to_index(corners)
@@ -121,7 +123,7 @@ def box_from_ras_corners(volume: Volume, corners: np.ndarray) -> tuple[BoxPrompt
     if np.any(imax < 0) or np.any(imin > shape - 1):
         raise PromptError(
             f"expected the RAS ROI {lo.round(1).tolist()}..{hi.round(1).tolist()} mm to overlap the image, found it "
-            f"outside (image covers voxels 0..{(shape - 1).tolist()}); check the coordinates are RAS, not LPS"
+            f"outside (image covers voxels 0..{(shape - 1).tolist()}); {hint}"
         )
     imin, imax = np.maximum(imin, 0), np.minimum(imax, shape - 1)
     if np.any(imax < imin):
@@ -227,7 +229,9 @@ def parse_prompts(data: dict[str, Any] | list[Any], volume: Volume, source: str 
                 raise PromptError(f"expected one label value per object, found {explicit[name]} and {label} "
                                   f"for '{name}'; entries with the same name prompt one object")
         if "box_corners_ras" in entry:
-            box, z_range = box_from_ras_corners(volume, np.array(entry["box_corners_ras"]))
+            # a markups file states its coordinate system (converted already): a far ROI is another image's
+            box, z_range = box_from_ras_corners(volume, np.array(entry["box_corners_ras"]),
+                                                "check the ROI was placed on this image (same study and series)")
             obj.boxes.append(box)
             obj.z_range = _merge_range(obj.z_range, z_range)
         elif "box_ras" in entry:

@@ -162,8 +162,13 @@ def test_box_ras_maps_to_the_voxels_it_contains(codes):
 
 def test_box_ras_outside_the_image_is_refused(vol):
     far = vol.index_to_ras([500, 500, 500])
-    with pytest.raises(PromptError, match="overlap the image"):
+    with pytest.raises(PromptError, match="overlap the image.*check the coordinates are RAS, not LPS"):
         parse_prompts({"version": 1, "objects": [{"name": "m", "box_ras": [far.tolist(), (far + 5).tolist()]}]}, vol)
+    # a Slicer ROI states its coordinate system and is converted: RAS vs LPS is not the likely cause
+    far_lps = far * [-1, -1, 1]
+    with pytest.raises(PromptError, match="overlap the image.*placed on this image") as info:
+        parse_prompts({"markups": [_slicer_roi(far_lps, (5, 5, 5))]}, vol)
+    assert "LPS" not in str(info.value)
 
 
 def test_prompt_file_round_trip(vol, tmp_path):
