@@ -122,6 +122,32 @@ def test_missing_and_wrong_checkpoints_give_clear_errors(tmp_path):
         load_model("sam-vit-x")
 
 
+def test_sam_family_adapters_load_a_checkpoint_and_decode_as_segment_anything(tmp_path):
+    # no SAM or MedSAM weights can be fetched here: a ViT-B of segment-anything's own build with
+    # seeded random weights, saved as a checkpoint, is loaded by both adapters, whose decode (box
+    # scaling, the shared BoxDecoder, the logits' resizing) must give segment-anything's decoder's
+    # masks. The embedding is random too: a ViT-B encodes a 1024 px image in 15 s on 2 cores.
+    from segment_anything import sam_model_registry
+
+    from medsam3d.models.decoder import BoxDecoder, ReferenceBoxDecoder
+
+    torch.manual_seed(0)
+    path = tmp_path / "sam_vit_b_random.pth"
+    torch.save(sam_model_registry["vit_b"](checkpoint=None).state_dict(), path)
+    embedding = torch.randn(1, 256, 64, 64)
+    boxes = np.array([[28, 23, 72, 67], [20, 10, 100, 80]])
+    for name, features in (("sam-vit-b", (embedding, (768, 1024), (90, 120))), ("medsam", (embedding, (90, 120)))):
+        model = load_model(name, checkpoint=path, device="cpu")
+        assert isinstance(model._decoder, BoxDecoder)
+        masks, scores = model.decode(features, boxes)
+        assert masks.shape == (2, 90, 120) and masks.dtype == bool and scores.shape == (2,)
+        assert all(0 < m.sum() < m.size for m in masks)  # not a trivially equal empty or full mask
+        model._decoder = ReferenceBoxDecoder(model.net.prompt_encoder, model.net.mask_decoder).eval()
+        ref_masks, ref_scores = model.decode(features, boxes)
+        assert np.abs(scores - ref_scores).max() < 1e-4
+        assert all((a != b).sum() <= 2 for a, b in zip(masks, ref_masks))
+
+
 def test_sam_checkpoint_of_the_wrong_family_is_refused(tmp_path, litemedsam):
     path = tmp_path / "lite.pth"
     torch.save(litemedsam.net.state_dict(), path)
