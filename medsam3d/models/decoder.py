@@ -63,7 +63,7 @@ def image_to_token(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> t
     return weights @ vo + attn.out_proj.bias
 
 
-class BoxDecoder(nn.Module):
+class _Decoder(nn.Module):
     """(1, 256, 64, 64) image embedding and (N, 4) boxes in model pixels -> (N, 1, 256, 256)
     mask logits and (N, 1) predicted IoU, from a segment-anything ``PromptEncoder`` and
     ``MaskDecoder`` (their weights are shared, not copied). One module, so it exports to ONNX."""
@@ -73,6 +73,10 @@ class BoxDecoder(nn.Module):
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
         self.register_buffer("dense_pe", prompt_encoder.get_dense_pe().detach().clone())
+
+
+class BoxDecoder(_Decoder):
+    """The decoder with its attention products reordered (see the module's docstring)."""
 
     def forward(self, embedding: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pe, md = self.prompt_encoder, self.mask_decoder
@@ -108,16 +112,10 @@ class BoxDecoder(nn.Module):
         return logits, iou
 
 
-class ReferenceBoxDecoder(nn.Module):
+class ReferenceBoxDecoder(_Decoder):
     """The same inputs and outputs as :class:`BoxDecoder`, through segment-anything's own code
     (``PromptEncoder`` then ``MaskDecoder(multimask_output=False)``): the reference LiteMedSAM
     algorithm, as the benchmark's naive loop runs it, and what the tests compare with."""
-
-    def __init__(self, prompt_encoder, mask_decoder):
-        super().__init__()
-        self.prompt_encoder = prompt_encoder
-        self.mask_decoder = mask_decoder
-        self.register_buffer("dense_pe", prompt_encoder.get_dense_pe().detach().clone())
 
     def forward(self, embedding: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         sparse, dense = self.prompt_encoder(points=None, boxes=boxes[:, None, :], masks=None)
