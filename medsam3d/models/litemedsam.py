@@ -162,8 +162,8 @@ def _onnx_sessions(net, decoder, sha256: str, required: bool):
 
     The export is a local conversion of the weights in hand (nothing is downloaded); it is
     cached under :func:`cache_dir` keyed by the weights' SHA-256 and written atomically. On a
-    2-core CPU the encoder runs about 2x and the decoder about 1.5x faster than in PyTorch, with
-    logits within 1e-4. Returns None (torch is used) when onnxruntime is missing or an export fails.
+    2-core CPU the encoder runs about 2x and the decoder 1.7-2.3x (1-8 boxes) faster than in
+    PyTorch, with logits within 1e-4. Returns None (torch is used) when onnxruntime is missing or an export fails.
     """
     try:
         import onnxruntime as ort
