@@ -334,7 +334,7 @@ def _join_negative_values(argv: Sequence[str]) -> list[str]:
     refuses it; join such values to their option (``--box-ras=-12.5,40,...``)."""
     out: list[str] = []
     for arg in argv:
-        if out and out[-1] in _COORDINATE_OPTIONS and arg.startswith("-") and arg[1:2].isdigit():
+        if out and out[-1] in _COORDINATE_OPTIONS and arg.startswith("-") and (arg[1:2].isdigit() or arg[1:2] == "."):
             out[-1] = f"{out[-1]}={arg}"
         else:
             out.append(arg)

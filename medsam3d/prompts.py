@@ -180,7 +180,7 @@ def markups_to_entries(data: dict[str, Any], source: str = "the markups file") -
                           "draw the box with Slicer's ROI tool")
     if skipped:
         log.warning("%s: skipped %d markups that are not ROIs (%s)", source, len(skipped),
-                                            ", ".join(map(str, skipped)))
+                    ", ".join(map(str, skipped)))
     return entries
 
 
@@ -338,7 +338,8 @@ def prompts_from(spec: Iterable[dict[str, Any]] | dict[str, Any] | list[ObjectPr
     """Accept parsed ObjectPrompts, a prompt document, a list of entries, or the path of a prompt
     file (version 1 or a Slicer ``.mrk.json``)."""
     if spec is None:
-        raise PromptError("expected prompts (a prompt document, a list of entries or of ObjectPrompt), found None")
+        raise PromptError("expected prompts (a prompt document, a list of entries or of ObjectPrompt, or a "
+                          "prompt file's path), found None")
     if isinstance(spec, (str, Path)) or hasattr(spec, "__fspath__"):
         return load_prompts(Path(spec), volume)
     if isinstance(spec, list) and spec and all(isinstance(o, ObjectPrompt) for o in spec):

@@ -391,7 +391,8 @@ def _orthogonal_pass(encoder: SliceEncoder, obj: ObjectPrompt, result: ObjectRes
         reach = int(np.ceil(max((b[2] - b[0] + 1) * config.voxel_mm[0], (b[3] - b[1] + 1) * config.voxel_mm[1])
                             / config.voxel_mm[2] * config.section_reach))
         middle = (min(keys) + max(keys)) / 2
-        z = (max(0, min(min(keys), int(np.floor(middle - reach)))), min(K - 1, max(max(keys), int(np.ceil(middle + reach)))))
+        z = (max(0, min(min(keys), int(np.floor(middle - reach)))),
+             min(K - 1, max(max(keys), int(np.ceil(middle + reach)))))
         adaptive = True
     # a given z_range comes with a box on one slice that need not be the largest: wider sections
     positions = (obj.z_range and config.section_positions_3d) or config.section_positions

@@ -178,3 +178,14 @@ def test_prompt_file_round_trip(vol, tmp_path):
     path.write_text(json.dumps(doc))
     (obj,) = load_prompts(path, vol)
     assert obj.boxes[0].box == (5, 6, 25, 26) and obj.z_range == (7, 17) and obj.boxes[0].slice == 12
+
+
+def test_cli_joins_minus_signed_coordinates_to_their_option():
+    # argparse would take "-12.5,..." or "-.5,..." for an unknown option ("expected one argument")
+    from medsam3d.cli import _join_negative_values
+
+    assert _join_negative_values(["segment", "x.nii", "--box-ras", "-12.5,40,100,10,61,130", "-o", "y.nii"]) == [
+        "segment", "x.nii", "--box-ras=-12.5,40,100,10,61,130", "-o", "y.nii"]
+    assert _join_negative_values(["--box-ras", "-.5,1,2,3,4,5"]) == ["--box-ras=-.5,1,2,3,4,5"]
+    assert _join_negative_values(["--box-ras", "1,2,3,4,5,6", "-v"]) == ["--box-ras", "1,2,3,4,5,6", "-v"]
+    assert _join_negative_values(["--json", "-1.json"]) == ["--json", "-1.json"]  # other options untouched
