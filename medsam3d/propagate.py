@@ -463,6 +463,11 @@ def _orthogonal_pass(encoder: SliceEncoder, obj: ObjectPrompt, result: ObjectRes
                 last_good = k
                 continue
             if obj.z_range:
+                # the object goes on to the range's end: the slices skipped before this empty one are
+                # segmented, not left out (with blend, on blends of the encoded slices around them)
+                for t in range(last_good + direction, k, direction):
+                    if run(t, direction, blend):
+                        last_good = t
                 continue
             # without a range an empty mask ends the object: find the end slice by slice (with blend,
             # on blends of the two encoded slices around it)

@@ -337,6 +337,24 @@ def test_z_range_bounds_the_object():
     assert result.objects[0]["slices"] == [12, 18]
 
 
+@pytest.mark.parametrize("fast", [False, True])
+def test_a_strided_walk_inside_a_z_range_segments_the_slices_before_an_empty_one(fast):
+    # the object ends two slices before its (loose) z_range does; the stride-3 walk from slice 14
+    # lands on 17, 20 and then 23, empty: slices 21 and 22 must still be segmented
+    obj = np.zeros((50, 50, 30), bool)
+    obj[15:35, 15:35, 5:23] = True
+    vol = _volume(obj)
+    doc = {"version": 1, "objects": [{"slice": 14, "box": [15, 15, 34, 34], "z_range": [5, 24]}]}
+    config = PropagationConfig.fast(stride=3) if fast else PropagationConfig(stride=3)
+    model = BlendingThresholdModel() if fast else ThresholdModel()
+    result = segment(vol, doc, model=model, window="percentile", zoom=None, config=config)
+    got = result.labels.array == 1
+    if not fast:
+        assert np.array_equal(got, obj)
+    else:  # decoded on blends of slices 20 and 23: the synthetic model's blend fades out by slice 22
+        assert not (got & ~obj).any() and np.array_equal(got[..., :22], obj[..., :22])
+
+
 def test_does_not_leak_onto_a_neighbour_that_jumps_in_area():
     obj = ellipsoid((60, 60, 30), (30, 30, 10), (6, 6, 5))
     # a big neighbour touching the object's footprint from slice 14 on
