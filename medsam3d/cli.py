@@ -60,7 +60,8 @@ def _get_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", default="score", choices=["score", "first", "last", "error"])
     p.add_argument("--series", dest="series_uid", help="SeriesInstanceUID when the folder holds several series")
     p.add_argument("--allow-tilt", action="store_true")
-    p.add_argument("--no-zoom", action="store_true", help="encode whole slices instead of a crop around the prompts")
+    p.add_argument("--no-zoom", action="store_true", help="encode whole slices instead of a crop around the prompts "
+                   "(better for organs and vessels of a few cm in a whole CT slice: see the README)")
     p.add_argument("--stride", type=_positive_int, metavar="N",
                    help="encode every N-th slice first and interpolate smooth stretches between them "
                         "(default 3, 4 with --fast; 1: segment every slice)")
