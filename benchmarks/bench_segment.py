@@ -192,7 +192,8 @@ def run_one(data: Path, case: str, method: str, device: str = "cpu", slice_mm: f
         model = load_model("litemedsam", device=device)
 
         def run(volume, prompt):
-            return segment(volume, prompt, model=model, config=config, zoom=None if method.endswith("-nozoom") else 1.0)
+            zoom = None if method.endswith("-nozoom") else 1.0
+            return segment(volume, prompt, model=model, config=config, zoom=zoom)
 
         _warm_up(model, run)
         t0 = time.perf_counter()
