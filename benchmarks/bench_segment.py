@@ -253,7 +253,8 @@ def main(argv=None) -> int:
         return 2
     rows = []
     w = max(11, *map(len, args.cases))
-    header = f"{'case':<{w}} {'method':<14} {'dice':>6} {'hd95mm':>7} {'vol_mL':>8} {'ref_mL':>8} {'vol_err':>8} {'sec':>7} {'enc':>4} {'peakMB':>7}"
+    header = (f"{'case':<{w}} {'method':<14} {'dice':>6} {'hd95mm':>7} {'vol_mL':>8} {'ref_mL':>8} {'vol_err':>8} "
+              f"{'sec':>7} {'enc':>4} {'peakMB':>7}")
     print(header, flush=True)
     for case in args.cases:
         for method in args.methods:
