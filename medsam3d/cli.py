@@ -222,7 +222,9 @@ def _cmd_segment(args: argparse.Namespace) -> int:
             tmp.write_text(json.dumps(report, indent=2))
     for obj in result.objects:
         extent = f"slices {obj['slices'][0]}-{obj['slices'][1]}" if obj["slices"] else "empty"
-        print(f"{obj['name']} (label {obj['label']}): {obj['volume_ml']:.2f} mL, {obj['voxels']} voxels, {extent}")
+        border = f", reaches the image border ({', '.join(obj['border_planes'])}): a lower bound" \
+            if obj["border_planes"] else ""
+        print(f"{obj['name']} (label {obj['label']}): {obj['volume_ml']:.2f} mL, {obj['voxels']} voxels, {extent}{border}")
     print(f"wrote {args.output} in {result.seconds:.1f} s ({result.encoded_slices} slices encoded, "
           f"{result.model['name']} on {result.model['device']})")
     return 0

@@ -12,7 +12,8 @@ flipped and oblique grids are handled):
   the lesion's area is largest, ``long_axis_mm`` is the largest in-plane distance between
   two contour points and ``short_axis_mm`` the longest chord perpendicular to it.
 * ``bbox_ras`` (min/max corners of the voxels), ``centroid_ras``, ``slice_extent``
-  (k range) and ``touches_border`` (a lesion cut by the image edge is flagged, not dropped).
+  (k range), ``touches_border`` and ``border_planes`` (a lesion cut by the image edge is flagged,
+  not dropped: its volume is a lower bound).
 * With an image: intensity statistics inside the lesion (HU for CT).
 """
 
@@ -26,6 +27,16 @@ import numpy as np
 from .volume import Volume, reorient
 
 log = logging.getLogger(__name__)
+
+
+def border_planes(mask: np.ndarray) -> list[str]:
+    """The grid's outer index planes that a 3D mask reaches, e.g. ``["k=0", "j=511"]``: an object there
+    may go on beyond the image, and its volume is then a lower bound."""
+    idx = np.argwhere(mask)
+    if not len(idx):
+        return []
+    lo, hi, last = idx.min(axis=0), idx.max(axis=0), np.array(mask.shape) - 1
+    return [f"{'ijk'[a]}={v}" for a in range(3) for v, hit in ((0, lo[a] == 0), (int(last[a]), hi[a] == last[a])) if hit]
 
 
 def surface_mesh(mask: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -156,7 +167,8 @@ def _component_stats(mask: np.ndarray, labels: Volume, axial: tuple[np.ndarray, 
     out["bbox_ras"] = [ras.min(axis=0).round(3).tolist(), ras.max(axis=0).round(3).tolist()]
     out["centroid_ras"] = labels.index_to_ras(idx.mean(axis=0)).round(3).tolist()
     out["slice_extent"] = [int(lo[2]), int(hi[2])]
-    out["touches_border"] = bool(np.any(lo == 0) or np.any(hi == np.array(labels.shape) - 1))
+    out["border_planes"] = border_planes(mask)
+    out["touches_border"] = bool(out["border_planes"])
     if axial is not None:
         reo_mask, ax_affine = axial
         m = reo_mask(mask)

@@ -18,6 +18,7 @@ import numpy as np
 
 from .errors import Medsam3dError
 from .fuse import fuse, taper_ends
+from .measure import border_planes
 from .io import as_volume
 from .preprocess import MODALITIES, Window, apply_window, choose_window, finite_intensities
 from .prompts import BoxPrompt, ObjectPrompt, prompts_from
@@ -193,12 +194,18 @@ def segment(volume: Volume | str | os.PathLike, prompts, *, model=None, model_na
     seconds = time.perf_counter() - t0
     summary = []
     for obj, res in zip(objects, results):
-        voxels = int(np.sum(labels_array == obj.label))
-        ks = np.flatnonzero((labels_array == obj.label).any(axis=(0, 1)))
+        mask = labels_array == obj.label
+        voxels = int(mask.sum())
+        volume_ml = voxels * volume.voxel_volume_mm3 / 1000.0
+        ks = np.flatnonzero(mask.any(axis=(0, 1)))
+        border = border_planes(mask)
+        if border:
+            log.info("object %r (label %d) reaches the image border (%s): if it goes on beyond the image, "
+                     "its volume (%.2f mL) is a lower bound", obj.name, obj.label, ", ".join(border), volume_ml)
         summary.append({
-            "label": obj.label, "name": obj.name, "voxels": voxels,
-            "volume_ml": voxels * volume.voxel_volume_mm3 / 1000.0,
+            "label": obj.label, "name": obj.name, "voxels": voxels, "volume_ml": volume_ml,
             "slices": [int(ks[0]), int(ks[-1])] if ks.size else None,
+            "touches_border": bool(border), "border_planes": border,
             "prompts": obj.as_dict()["boxes"], "z_range": list(obj.z_range) if obj.z_range else None,
             "mean_score": round(float(np.mean([s.score for s in res.slices.values()])), 4),
             "interpolated_slices": sorted(int(k) for k, s in res.slices.items() if s.interpolated),

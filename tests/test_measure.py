@@ -7,7 +7,7 @@ import pytest
 
 import medsam3d as m3
 from medsam3d import Volume
-from medsam3d.measure import measure
+from medsam3d.measure import border_planes, measure
 from medsam3d.mesh import label_mesh, mesh_properties, read_mesh, write_mesh
 
 from conftest import EXAMPLES, shared
@@ -103,6 +103,17 @@ def test_border_lesion_is_flagged_not_dropped():
     labels, _, _ = phantom(spacing=(1, 1, 1), shape=(40, 40, 20))
     (row,) = measure(labels)
     assert row["touches_border"] and row["voxels"] > 0
+
+
+def test_border_planes_name_the_outer_planes_a_mask_reaches():
+    mask = np.zeros((5, 6, 7), bool)
+    assert border_planes(mask) == []
+    mask[1:4, 1:5, 2:5] = True
+    assert border_planes(mask) == []
+    mask[0, 3, 3] = mask[2, 5, 6] = True
+    assert border_planes(mask) == ["i=0", "j=5", "k=6"]
+    mask[:] = True
+    assert border_planes(mask) == ["i=0", "i=4", "j=0", "j=5", "k=0", "k=6"]
 
 
 def test_intensity_statistics_in_hu():

@@ -141,6 +141,8 @@ def test_a_three_slice_ct_is_segmented_on_every_slice(tmp_path, litemedsam):
     result = m3.segment(ct, prompts, model=litemedsam, taper=0)
     liver = result.labels.array == 1
     assert min(dice(liver[:, :, k], ref[:, :, k]) for k in range(3)) >= 0.89  # measured 0.926, 0.917, 0.905
+    # the liver goes on above and below these 3 slices: its volume is flagged as a lower bound
+    assert result.objects[0]["touches_border"] and result.objects[0]["border_planes"] == ["k=0", "k=2"]
     back = m3.load_labels(m3.save(result.labels, tmp_path / "liver.dcm", reference=ct), ct)
     assert np.array_equal(back.array, result.labels.array)
 
@@ -161,6 +163,7 @@ def test_cli_segment_writes_output_and_report(tmp_path, capsys):
     data = json.loads(report.read_text())
     obj = data["objects"][0]
     assert obj["label"] == 1 and obj["name"] == "sarcoma" and obj["slices"] == [22, 24]
+    assert obj["touches_border"] is False and obj["border_planes"] == [] and "border" not in text
     assert obj["voxels"] == int((labels.array == 1).sum())
     assert obj["volume_ml"] == pytest.approx(obj["voxels"] * image.voxel_volume_mm3 / 1000, abs=1e-3)
     assert data["model"]["name"] == "litemedsam" and len(data["model"]["weights_sha256"]) == 64
