@@ -283,7 +283,7 @@ def _cmd_measure(args: argparse.Namespace) -> int:
             print(f"{what}: {r['volume_ml']:.3f} mL ({r['voxels']} voxels), mesh {r['mesh_volume_ml']:.3f} mL, "
                   f"surface {r['surface_mm2']:.0f} mm2, max 3D diameter {r['max_diameter_3d_mm']:.1f} mm, "
                   f"axial long/short {r.get('long_axis_mm', 0):.1f}/{r.get('short_axis_mm', 0):.1f} mm"
-                  + (", touches the image border" if r["touches_border"] else ""))
+                  + (f", touches the image border ({', '.join(r['border_planes'])})" if r["touches_border"] else ""))
     return 0
 
 
