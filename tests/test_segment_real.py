@@ -178,6 +178,7 @@ def test_cli_segment_writes_output_and_report(tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--box", "57,57,300,109@23"], "inside the slice"),
     (["--box", "57,57,100,109@99"], "within 0..52"),
+    (["--box", "57,57,57,109@23"], "[i, j, i + 1, j + 1] is the smallest box"),
     (["--box", "57,57,100"], "i0,j0,i1,j1@k"),
     (["--box", "57,57,100,109@23", "--window", "nonsense"], "LEVEL,WIDTH"),
     (["--box", "57,57,100,109@23", "--model", "medsam"], "--checkpoint PATH"),
