@@ -36,7 +36,10 @@ def border_planes(mask: np.ndarray) -> list[str]:
     if not len(idx):
         return []
     lo, hi, last = idx.min(axis=0), idx.max(axis=0), np.array(mask.shape) - 1
-    return [f"{'ijk'[a]}={v}" for a in range(3) for v, hit in ((0, lo[a] == 0), (int(last[a]), hi[a] == last[a])) if hit]
+    planes = []
+    for a, axis in enumerate("ijk"):
+        planes += [f"{axis}={v}" for v, hit in ((0, lo[a] == 0), (int(last[a]), hi[a] == last[a])) if hit]
+    return planes
 
 
 def surface_mesh(mask: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
