@@ -18,8 +18,8 @@ import numpy as np
 
 from .errors import Medsam3dError
 from .fuse import fuse, taper_ends
-from .measure import border_planes
 from .io import as_volume
+from .measure import border_planes
 from .preprocess import MODALITIES, Window, apply_window, choose_window, finite_intensities
 from .prompts import BoxPrompt, ObjectPrompt, prompts_from
 from .propagate import ObjectResult, PropagationConfig, SliceEncoder, propagate
