@@ -258,8 +258,9 @@ def parse_prompts(data: dict[str, Any] | list[Any], volume: Volume, source: str 
                                   f"found {[i0, j0, i1, j1]}; give voxel indices of this image "
                                   "(or box_ras in millimetres)")
             if i1 - i0 < 1 or j1 - j0 < 1:
-                raise PromptError(f"expected a box at least 2 voxels wide and high in {where}, found {[i0, j0, i1, j1]}; "
-                                  "indices are inclusive: [i, j, i + 1, j + 1] is the smallest box")
+                raise PromptError(f"expected a box at least 2 voxels wide and high in {where}, "
+                                  f"found {[i0, j0, i1, j1]}; indices are inclusive: [i, j, i + 1, j + 1] "
+                                  "is the smallest box")
             obj.boxes.append(BoxPrompt(k, (i0, j0, i1, j1)))
         if "z_range" in entry:
             z0, z1 = _int_list(entry["z_range"], 2, f"'z_range' of {where}")
