@@ -1,7 +1,8 @@
 """Benchmark: medsam3d vs the naive LiteMedSAM loop on the labelled shared cases.
 
 Prints, per case and method, Dice, 95th-percentile Hausdorff distance (MONAI), volume
-error, wall seconds of the segmentation (each method first runs once on a small synthetic
+error, whether the reference volume lies in the result's ``volume_ml_range`` (``range``: the
+spread of the engine's own alternative segmentations, see the README), wall seconds of the segmentation (each method first runs once on a small synthetic
 volume, so model loading, imports and first calls are excluded for every method), the
 number of images encoded (``enc``: slices plus orthogonal sections), the peak resident memory
 of the process that ran it (each run is its own subprocess) and, with ``--device cuda``, the
@@ -188,6 +189,7 @@ def run_one(data: Path, case: str, method: str, device: str = "cpu", slice_mm: f
         _sync(model)
         seconds = time.perf_counter() - t0
         encoded = prompt["objects"][0]["z_range"][1] - prompt["objects"][0]["z_range"][0] + 1
+        spread = None
     else:
         model = load_model("litemedsam", device=device)
 
@@ -202,6 +204,7 @@ def run_one(data: Path, case: str, method: str, device: str = "cpu", slice_mm: f
         seconds = time.perf_counter() - t0
         pred = result.labels.array == 1
         encoded = result.encoded_slices + result.settings["encoded_sections"]
+        spread = result.objects[0]["volume_ml_range"]
     import torch
     from monai.metrics import compute_dice, compute_hausdorff_distance
 
@@ -215,9 +218,21 @@ def run_one(data: Path, case: str, method: str, device: str = "cpu", slice_mm: f
     return {"case": case, "method": method, "dice": round(dice, 4), "hd95_mm": round(hd95, 2),
             "volume_ml": round(vol_pred, 2), "ref_ml": round(vol_ref, 2),
             "volume_error": round((vol_pred - vol_ref) / vol_ref, 4), "seconds": round(seconds, 2),
+            "volume_ml_range": [round(v, 2) for v in spread] if spread else None,
+            "ref_in_range": bool(spread[0] <= vol_ref <= spread[1]) if spread else None,
             "encoded_slices": int(encoded),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.startswith("cuda") else None}
+
+
+def _in_range(row: dict) -> str:
+    """Whether the reference volume lies in the result's ``volume_ml_range`` (its vote's spread)."""
+    return "-" if row.get("ref_in_range") is None else "in" if row["ref_in_range"] else "out"
+
+
+def _coverage(group: list[dict]) -> str:
+    ranged = [r for r in group if r.get("ref_in_range") is not None]
+    return f"  ref volume in range {sum(r['ref_in_range'] for r in ranged)}/{len(ranged)}" if ranged else ""
 
 
 def _against_naive(rows: list[dict], group: list[dict]) -> str:
@@ -254,7 +269,7 @@ def main(argv=None) -> int:
     rows = []
     w = max(11, *map(len, args.cases))
     header = (f"{'case':<{w}} {'method':<14} {'dice':>6} {'hd95mm':>7} {'vol_mL':>8} {'ref_mL':>8} {'vol_err':>8} "
-              f"{'sec':>7} {'enc':>4} {'peakMB':>7}")
+              f"{'range':>5} {'sec':>7} {'enc':>4} {'peakMB':>7}")
     print(header, flush=True)
     for case in args.cases:
         for method in args.methods:
@@ -268,7 +283,8 @@ def main(argv=None) -> int:
             row = json.loads(out.stdout.strip().splitlines()[-1])
             rows.append(row)
             print(f"{case:<{w}} {method:<14} {row['dice']:6.3f} {row['hd95_mm']:7.1f} {row['volume_ml']:8.2f} "
-                  f"{row['ref_ml']:8.2f} {row['volume_error']:+8.1%} {row['seconds']:7.1f} {row['encoded_slices']:4d} "
+                  f"{row['ref_ml']:8.2f} {row['volume_error']:+8.1%} {_in_range(row):>5} {row['seconds']:7.1f} "
+                  f"{row['encoded_slices']:4d} "
                   f"{row['peak_rss_mb']:7.0f}"
                   + (f" gpu {row['peak_gpu_mb']:.0f} MB" if row.get("peak_gpu_mb") else ""), flush=True)
     for method in args.methods:
@@ -279,7 +295,8 @@ def main(argv=None) -> int:
                 if g:
                     print(f"mean {method:<14} {group}: dice {np.mean([r['dice'] for r in g]):.3f}  "
                           f"median |vol err| {np.median([abs(r['volume_error']) for r in g]):.1%}  "
-                          f"seconds {np.sum([r['seconds'] for r in g]):.0f} total" + _against_naive(rows, g))
+                          f"seconds {np.sum([r['seconds'] for r in g]):.0f} total" + _against_naive(rows, g)
+                          + _coverage(g))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return 0

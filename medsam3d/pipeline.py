@@ -211,6 +211,10 @@ def segment(volume: Volume | str | os.PathLike, prompts, *, model=None, model_na
             "interpolated_slices": sorted(int(k) for k, s in res.slices.items() if s.interpolated),
             "stopped": res.stop_reasons, "voxels_lost_to_overlap": lost.get(obj.label, 0),
             "voxels_removed_by_taper": tapered.get(obj.label, 0),
+            # the result's volume and its vote members' (scaled by their volume over the vote's): their spread
+            "volume_ml_range": [volume_ml * min(1.0, *res.alternatives), volume_ml * max(1.0, *res.alternatives)]
+            if res.alternatives and voxels else None,
+            "alternatives": len(res.alternatives),
         })
     model_info = {"name": model.name, "device": model.device, "weights_sha256": model.weights_sha256,
                   "checkpoint": getattr(model, "checkpoint", None), "runtime": getattr(model, "runtime", "torch")}
