@@ -25,6 +25,8 @@ def main() -> None:
     tumour = result.objects[0]
     print(f"{tumour['name']}: {tumour['volume_ml']:.1f} mL on slices {tumour['slices']} "
           f"in {result.seconds:.1f} s ({result.window.name} window, {result.model['runtime']})")
+    lo, hi = tumour["volume_ml_range"]  # how far the volume moves between the engine's alternatives
+    print(f"  its {tumour['alternatives']} alternative segmentations: {lo:.1f}-{hi:.1f} mL")
 
     # compare with the expert contour shipped with the example
     reference = m3.load_labels(HERE / "CT_mask.nii.gz", image)

@@ -125,8 +125,8 @@ class PropagationConfig:
         at the key box's centre only, with the vote's chains capped at 2x the sections' box (one
         central pair of sections sees a chord of the object off its centre; with the default cap
         the volumes ran 8-12 % low). On a 2-core CPU, 3D box, 8 cases: mean Dice CT 0.834, MR 0.823
-        against the defaults' 0.844 and 0.829, in about half their time: 0.21-0.23x (CT) and 0.23-0.254x
-        (MR) of the naive loop's, summed over the cases, in five runs with the reordered box decoder
+        against the defaults' 0.844 and 0.829, in about half their time: 0.20-0.23x (CT) and 0.22-0.254x
+        (MR) of the naive loop's, summed over the cases, in six runs with the reordered box decoder
         and ONNX Runtime's threads not spinning (0.25-0.28x and 0.26-0.33x in runs 14-18, before
         both; the naive loop's own time moves by up to 37 % between runs; see the README's
         benchmark)."""
@@ -582,9 +582,9 @@ def _alternative_volumes(result: ObjectResult, members: Sequence[dict[int, np.nd
     alternative segmentations, which the vote settles slice by slice (see :func:`_chain_vote`).
 
     A member counts the result's mask on the slices where it abstained and on the prompted slices
-    (they do not vote). On the 8 benchmark cases the reference volume lay between the smallest and
-    the largest of these (and the result) for 16 of 18 sarcoma runs (3D box, 2D box, ``--fast``)
-    and 3 of 6 runs of the two 3-slice lesions: a spread, not a confidence interval.
+    (they do not vote). In benchmark run 24 the reference volume lay between the smallest and the
+    largest of these (and the result) in 19 of 24 sarcoma runs (3D and 2D box, with and without
+    ``--fast``) and 1 of 8 on the two 3-slice lesions: a spread, not a confidence interval.
     """
     final = {k: sl.mask for k, sl in result.slices.items()}
     total = sum(int(mask.sum()) for mask in final.values())

@@ -214,6 +214,26 @@ def test_chain_vote_follows_a_drift():
     assert np.array_equal(voted[:, :, 9:22], obj[:, :, 9:22]) and dice(voted) > 0.85  # measured 0.891
 
 
+def test_the_volume_range_spans_the_chain_votes_members():
+    # the drifting cylinder above: the sections alone keep part of its far slices, and their member of
+    # the vote is its smallest alternative: the range starts at exactly the volume they give alone
+    obj = np.zeros((70, 50, 30), bool)
+    ii, jj = np.indices(obj.shape[:2])
+    for k in range(3, 27):
+        obj[:, :, k] = (ii - (35 + (k - 15))) ** 2 + (jj - 25) ** 2 <= 25
+    doc = {"version": 1, "objects": [{"slice": 15, "box": _box(obj[:, :, 15]), "z_range": [3, 26]}]}
+
+    def run(**kw):
+        return segment(_volume(obj), doc, model=ThresholdModel(), window="percentile", zoom=None,
+                       config=PropagationConfig(stride=1, **kw)).objects[0]
+
+    voted, sections = run(), run(chain_vote=())
+    assert voted["alternatives"] == 5 and sections["alternatives"] == 0 and sections["volume_ml_range"] is None
+    lo, hi = voted["volume_ml_range"]
+    assert sections["volume_ml"] < voted["volume_ml"] <= hi
+    assert lo == pytest.approx(sections["volume_ml"], rel=1e-12)
+
+
 def test_track_shift_finds_how_the_object_moved_between_slices():
     images = np.zeros((60, 60, 3))
     ii, jj = np.indices((60, 60))

@@ -81,6 +81,9 @@ def test_a_2d_box_finds_the_tumours_extent(litemedsam):
     # vote ran without a z range
     assert dice(pred, ref) >= 0.86, dice(pred, ref)
     assert result.objects[0]["volume_ml"] == pytest.approx(60.59, rel=0.05)
+    # the expert's volume lies in the spread of the vote's members (measured 55.93-64.66 mL)
+    lo, hi = result.objects[0]["volume_ml_range"]
+    assert lo <= ref.sum() * image.voxel_volume_mm3 / 1000 <= hi, (lo, hi)
 
 
 def test_a_faint_lesion_ends_where_its_contrast_reverses(litemedsam):
@@ -164,6 +167,9 @@ def test_cli_segment_writes_output_and_report(tmp_path, capsys):
     obj = data["objects"][0]
     assert obj["label"] == 1 and obj["name"] == "sarcoma" and obj["slices"] == [22, 24]
     assert obj["touches_border"] is False and obj["border_planes"] == [] and "border" not in text
+    lo, hi = obj["volume_ml_range"]  # the spread of the vote's 5 members, printed with the volume
+    assert obj["alternatives"] == 5 and lo <= obj["volume_ml"] <= hi and lo < hi
+    assert f"{obj['volume_ml']:.2f} mL (5 alternatives: {lo:.2f}-{hi:.2f} mL)" in text
     assert obj["voxels"] == int((labels.array == 1).sum())
     assert obj["volume_ml"] == pytest.approx(obj["voxels"] * image.voxel_volume_mm3 / 1000, abs=1e-3)
     assert data["model"]["name"] == "litemedsam" and len(data["model"]["weights_sha256"]) == 64
@@ -304,3 +310,14 @@ def test_cli_info_on_a_folder_without_images(tmp_path, capsys):
     code = main(["info", str(shared("ibsi_sts_041/dicom/CT/mask"))])
     out = capsys.readouterr().out
     assert code == 0 and "(0 image series); point to the folder of the image slices" in out and "RTSTRUCT" in out
+
+
+def test_the_example_research_script_runs(tmp_path):
+    # examples/segment_example.py, as the README points a research user to it (run from another folder)
+    script = EXAMPLES / "segment_example.py"
+    out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = dict(line.strip().split(":", 1) for line in out.stdout.splitlines() if ":" in line)
+    assert float(lines["Dice vs expert"]) >= 0.86  # measured 0.872 (the README's command 1)
+    assert "alternative segmentations" in out.stdout and "max 3D diameter" in out.stdout
+    assert m3.load(tmp_path / "sarcoma_labels.seg.nrrd").same_grid(m3.load(CASE / "CT_image.nii.gz"))
