@@ -186,16 +186,21 @@ def test_strided_walk_segments_where_neighbours_disagree():
         assert np.array_equal(got[:, :, k], ref[:, :, k]), k
 
 
-def test_chain_vote_follows_a_drift():
-    # a slanted cylinder drifting 1 px per slice along i: far from the key slice it leaves
-    # the sagittal sections' cut lines, and the sections' fallback box keeps only part of
-    # it; box chains follow the drift, and the vote keeps what they agree on
+def _drifting_cylinder():
+    """A slanted cylinder drifting 1 px per slice along i, and a 3D box prompt for it."""
     obj = np.zeros((70, 50, 30), bool)
     ii, jj = np.indices(obj.shape[:2])
     for k in range(3, 27):
         obj[:, :, k] = (ii - (35 + (k - 15))) ** 2 + (jj - 25) ** 2 <= 25
+    return obj, {"version": 1, "objects": [{"slice": 15, "box": _box(obj[:, :, 15]), "z_range": [3, 26]}]}
+
+
+def test_chain_vote_follows_a_drift():
+    # the drifting cylinder: far from the key slice it leaves the sagittal sections' cut lines,
+    # and the sections' fallback box keeps only part of it; box chains follow the drift, and
+    # the vote keeps what they agree on
+    obj, doc = _drifting_cylinder()
     vol = _volume(obj)
-    doc = {"version": 1, "objects": [{"slice": 15, "box": _box(obj[:, :, 15]), "z_range": [3, 26]}]}
 
     def run(**kw):  # the cylinder fills its z_range: the taper leaves its flat ends alone
         result = segment(vol, doc, model=ThresholdModel(), window="percentile", zoom=None,
@@ -215,13 +220,9 @@ def test_chain_vote_follows_a_drift():
 
 
 def test_the_volume_range_spans_the_chain_votes_members():
-    # the drifting cylinder above: the sections alone keep part of its far slices, and their member of
+    # the drifting cylinder: the sections alone keep part of its far slices, and their member of
     # the vote is its smallest alternative: the range starts at exactly the volume they give alone
-    obj = np.zeros((70, 50, 30), bool)
-    ii, jj = np.indices(obj.shape[:2])
-    for k in range(3, 27):
-        obj[:, :, k] = (ii - (35 + (k - 15))) ** 2 + (jj - 25) ** 2 <= 25
-    doc = {"version": 1, "objects": [{"slice": 15, "box": _box(obj[:, :, 15]), "z_range": [3, 26]}]}
+    obj, doc = _drifting_cylinder()
 
     def run(**kw):
         return segment(_volume(obj), doc, model=ThresholdModel(), window="percentile", zoom=None,
