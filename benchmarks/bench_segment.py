@@ -2,7 +2,8 @@
 
 Prints, per case and method, Dice, 95th-percentile Hausdorff distance (MONAI), volume
 error, whether the reference volume lies in the result's ``volume_ml_range`` (``range``: the
-spread of the engine's own alternative segmentations, see the README), wall seconds of the segmentation (each method first runs once on a small synthetic
+spread of the engine's own alternative segmentations, see the README), wall seconds of the
+segmentation (each method first runs once on a small synthetic
 volume, so model loading, imports and first calls are excluded for every method), the
 number of images encoded (``enc``: slices plus orthogonal sections), the peak resident memory
 of the process that ran it (each run is its own subprocess) and, with ``--device cuda``, the
