@@ -224,7 +224,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         extent = f"slices {obj['slices'][0]}-{obj['slices'][1]}" if obj["slices"] else "empty"
         border = f", reaches the image border ({', '.join(obj['border_planes'])}): a lower bound" \
             if obj["border_planes"] else ""
-        spread = obj.get("volume_ml_range")
+        spread = obj["volume_ml_range"]
         spread = f" ({obj['alternatives']} alternatives: {spread[0]:.2f}-{spread[1]:.2f} mL)" if spread else ""
         print(f"{obj['name']} (label {obj['label']}): {obj['volume_ml']:.2f} mL{spread}, {obj['voxels']} voxels, "
               f"{extent}{border}")
