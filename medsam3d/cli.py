@@ -25,6 +25,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _get_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .preprocess import CT_WINDOWS, MODALITIES
 
     parser = _Parser(prog="medsam3d", description="Prompt-driven 3D segmentation and tumour volumetry.")
     parser.add_argument("--version", action="version", version=f"medsam3d {__version__}")
@@ -54,12 +55,14 @@ def _get_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="litemedsam", help="litemedsam (default, bundled), medsam, sam-vit-b/l/h")
     p.add_argument("--checkpoint", type=Path, help="weights file (required for medsam and sam-*)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--window", help="CT preset (soft-tissue, lung, bone, brain, liver, abdomen) or LEVEL,WIDTH "
-                                   "or percentile")
-    p.add_argument("--modality", choices=["CT", "MR"], help="override the modality found in the header/intensities")
+    p.add_argument("--window", help=f"CT preset ({', '.join(CT_WINDOWS)}), LEVEL,WIDTH in HU, percentile (MR's "
+                                   "clipping) or roi (fitted to the intensities inside the prompt boxes)")
+    p.add_argument("--modality", choices=MODALITIES, type=str.upper,
+                   help="override the modality found in the header/intensities (every one but CT gets percentile "
+                        "clipping)")
     p.add_argument("--overlap", default="score", choices=["score", "first", "last", "error"])
     p.add_argument("--series", dest="series_uid", help="SeriesInstanceUID when the folder holds several series")
-    p.add_argument("--allow-tilt", action="store_true")
+    p.add_argument("--allow-tilt", action="store_true", help="accept a gantry-tilted DICOM series (exact sheared grid)")
     p.add_argument("--no-zoom", action="store_true", help="encode whole slices instead of a crop around the prompts "
                    "(better for organs and vessels of a few cm in a whole CT slice: see the README)")
     p.add_argument("--stride", type=_positive_int, metavar="N",

@@ -260,6 +260,30 @@ def test_cli_3d_boxes_in_voxels_in_ras_and_from_a_slicer_roi(tmp_path, capsys, m
     assert not list(tmp_path.glob("l.*"))
 
 
+def test_cli_passes_every_modality_and_window_the_api_takes(tmp_path, capsys, monkeypatch):
+    """--modality offers what the API accepts (PT and US too, any case) and --window its presets and roi."""
+    import medsam3d.pipeline
+    from medsam3d.preprocess import CT_WINDOWS
+
+    seen = []
+
+    def record(volume, objects, **kwargs):
+        seen.append((kwargs["modality"], kwargs["window"]))
+        raise m3.Medsam3dError("recorded")
+
+    monkeypatch.setattr(medsam3d.pipeline, "segment", record)
+    base = ["segment", str(CASE / "CT_image.nii.gz"), "--box", "57,57,100,109@23", "-o", str(tmp_path / "l.nii.gz")]
+    for modality, window in (("pt", "percentile"), ("US", "roi"), ("mr", None), ("CT", "mediastinum")):
+        assert main(base + ["--modality", modality] + (["--window", window] if window else [])) == 2
+        assert "recorded" in capsys.readouterr().err
+    assert seen == [("PT", "percentile"), ("US", "roi"), ("MR", None), ("CT", "mediastinum")]
+    assert main(base + ["--modality", "XR"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "invalid choice: 'XR'" in err and len(err.splitlines()) == 1
+    helptext = medsam3d.cli._get_parser()._subparsers._group_actions[0].choices["segment"].format_help()
+    assert all(name in " ".join(helptext.split()) for name in (*CT_WINDOWS, "roi", "PT,US"))
+
+
 def test_cli_slicer_roi_end_to_end_with_the_real_model(tmp_path, capsys):
     """A 3D Slicer ROI file (LPS, as Slicer saves it) around the example sarcoma's slices 21-25,
     segmented by the real LiteMedSAM through the CLI, against the expert contour."""
