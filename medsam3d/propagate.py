@@ -126,7 +126,7 @@ class PropagationConfig:
         central pair of sections sees a chord of the object off its centre; with the default cap
         the volumes ran 8-12 % low). On a 2-core CPU, 3D box, 8 cases: mean Dice CT 0.834, MR 0.823
         against the defaults' 0.844 and 0.829, in about half their time: 0.20-0.23x (CT) and 0.22-0.254x
-        (MR) of the naive loop's, summed over the cases, in six runs with the reordered box decoder
+        (MR) of the naive loop's, summed over the cases, in seven runs with the reordered box decoder
         and ONNX Runtime's threads not spinning (0.25-0.28x and 0.26-0.33x in runs 14-18, before
         both; the naive loop's own time moves by up to 37 % between runs; see the README's
         benchmark)."""
