@@ -62,7 +62,7 @@ def _get_parser() -> argparse.ArgumentParser:
                         "clipping)")
     p.add_argument("--overlap", default="score", choices=["score", "first", "last", "error"])
     p.add_argument("--series", dest="series_uid", help="SeriesInstanceUID when the folder holds several series")
-    p.add_argument("--allow-tilt", action="store_true", help="accept a gantry-tilted DICOM series (exact sheared grid)")
+    p.add_argument("--allow-tilt", action="store_true", help="accept gantry-tilted series (exact sheared grid)")
     p.add_argument("--no-zoom", action="store_true", help="encode whole slices instead of a crop around the prompts "
                    "(better for organs and vessels of a few cm in a whole CT slice: see the README)")
     p.add_argument("--stride", type=_positive_int, metavar="N",
