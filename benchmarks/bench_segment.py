@@ -30,8 +30,14 @@ Methods
 
 ``--organs`` runs ORGAN_CASES instead of the tumours (see there).
 
+``--model NAME --checkpoint PATH`` runs the ``ours-*`` methods with another model of
+``medsam3d.models`` (``medsam``, ``sam-vit-b/l/h``, or LiteMedSAM with other weights); the
+naive loop stays the reference LiteMedSAM algorithm, so every figure is still against it.
+Each row of ``--json`` names the model and its weights' SHA-256.
+
 Usage: python benchmarks/bench_segment.py [--data ../shared/data] [--cases NAME ... | --organs] [--methods M ...]
                                           [--device cpu|cuda] [--slice-mm MM] [--json out.json]
+                                          [--model NAME --checkpoint PATH]
 """
 
 from __future__ import annotations
@@ -160,7 +166,8 @@ def thinner_slices(image, ref: np.ndarray, slice_mm: float):
     return m3.Volume(array, affine, image.meta), mask
 
 
-def run_one(data: Path, case: str, method: str, device: str = "cpu", slice_mm: float | None = None) -> dict:
+def run_one(data: Path, case: str, method: str, device: str = "cpu", slice_mm: float | None = None,
+            model_name: str = "litemedsam", checkpoint: Path | None = None) -> dict:
     import medsam3d as m3
     from medsam3d.models import load_model
     from medsam3d.pipeline import segment
@@ -192,7 +199,7 @@ def run_one(data: Path, case: str, method: str, device: str = "cpu", slice_mm: f
         encoded = prompt["objects"][0]["z_range"][1] - prompt["objects"][0]["z_range"][0] + 1
         spread = None
     else:
-        model = load_model("litemedsam", device=device)
+        model = load_model(model_name, checkpoint=checkpoint, device=device)
 
         def run(volume, prompt):
             zoom = None if method.endswith("-nozoom") else 1.0
@@ -216,7 +223,8 @@ def run_one(data: Path, case: str, method: str, device: str = "cpu", slice_mm: f
                                             spacing=list(image.spacing))[0, 0]) if pred.any() else float("nan")
     vol_pred = pred.sum() * image.voxel_volume_mm3 / 1000
     vol_ref = ref.sum() * image.voxel_volume_mm3 / 1000
-    return {"case": case, "method": method, "dice": round(dice, 4), "hd95_mm": round(hd95, 2),
+    return {"case": case, "method": method, "model": model.name, "weights_sha256": model.weights_sha256,
+            "dice": round(dice, 4), "hd95_mm": round(hd95, 2),
             "volume_ml": round(vol_pred, 2), "ref_ml": round(vol_ref, 2),
             "volume_error": round((vol_pred - vol_ref) / vol_ref, 4), "seconds": round(seconds, 2),
             "volume_ml_range": [round(v, 2) for v in spread] if spread else None,
@@ -257,26 +265,39 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: where every method runs")
     parser.add_argument("--slice-mm", type=float, help="resample every case along k to slices this thick first "
                         "(e.g. 2: the 3.27 mm sarcomas become 50-slice tumours)")
+    parser.add_argument("--model", default="litemedsam", help="the model of the ours-* methods (see medsam3d.models)")
+    parser.add_argument("--checkpoint", type=Path, help="its weights file (required for medsam and sam-*)")
     parser.add_argument("--one", nargs=2, metavar=("CASE", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.organs:
         args.cases = list(ORGAN_CASES)
     if args.one:
-        print(json.dumps(run_one(args.data, *args.one, device=args.device, slice_mm=args.slice_mm)))
+        print(json.dumps(run_one(args.data, *args.one, device=args.device, slice_mm=args.slice_mm,
+                                 model_name=args.model, checkpoint=args.checkpoint)))
         return 0
     if not args.data.is_dir():
         print(f"shared data not found at {args.data}; pass --data", file=sys.stderr)
         return 2
+    if args.checkpoint is not None and not args.checkpoint.is_file():
+        print(f"expected a weights file at {args.checkpoint}, found none; check --checkpoint", file=sys.stderr)
+        return 2
+    if args.model != "litemedsam" and args.checkpoint is None:
+        print(f"expected --checkpoint PATH for model '{args.model}' (its weights are not bundled), found none",
+              file=sys.stderr)
+        return 2
+    model_args = ["--model", args.model] + (["--checkpoint", str(args.checkpoint.resolve())] if args.checkpoint else [])
     rows = []
     w = max(11, *map(len, args.cases))
     header = (f"{'case':<{w}} {'method':<14} {'dice':>6} {'hd95mm':>7} {'vol_mL':>8} {'ref_mL':>8} {'vol_err':>8} "
               f"{'range':>5} {'sec':>7} {'enc':>4} {'peakMB':>7}")
+    if args.model != "litemedsam" or args.checkpoint:
+        print(f"# ours-* methods: model {args.model}, weights {args.checkpoint or 'bundled'}; naive-3d: LiteMedSAM")
     print(header, flush=True)
     for case in args.cases:
         for method in args.methods:
             thinner = ["--slice-mm", str(args.slice_mm)] if args.slice_mm else []
             out = subprocess.run([sys.executable, __file__, "--data", str(args.data), "--device", args.device,
-                                  *thinner, "--one", case, method], check=False, capture_output=True, text=True,
+                                  *thinner, *model_args, "--one", case, method], check=False, capture_output=True, text=True,
                                  env={**os.environ, "PYTHONWARNINGS": "ignore"})
             if out.returncode != 0:
                 print(f"{case:<{w}} {method:<14} FAILED: {out.stderr.strip().splitlines()[-1:]}", flush=True)
