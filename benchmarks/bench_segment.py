@@ -297,8 +297,8 @@ def main(argv=None) -> int:
         for method in args.methods:
             thinner = ["--slice-mm", str(args.slice_mm)] if args.slice_mm else []
             out = subprocess.run([sys.executable, __file__, "--data", str(args.data), "--device", args.device,
-                                  *thinner, *model_args, "--one", case, method], check=False, capture_output=True, text=True,
-                                 env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                                  *thinner, *model_args, "--one", case, method], check=False, capture_output=True,
+                                 text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
             if out.returncode != 0:
                 print(f"{case:<{w}} {method:<14} FAILED: {out.stderr.strip().splitlines()[-1:]}", flush=True)
                 continue
