@@ -14,10 +14,13 @@ reference masks), medsam3d with the default settings is run with variants of the
 
 One process loads the model once; identical slice images are encoded once (the variants share
 most slices), which changes no result. Prints per case ``Dice/volume error`` and per modality
-the mean Dice and median |volume error|.
+the mean Dice and median |volume error|, and writes the run to one JSON file,
+``benchmarks/results/<YYYY-MM-DD>_<cpuN|gpu-name>_prompts-<kind>.json`` (see ``results_file.py``),
+a row per case and variant: ``case``, ``modality``, ``kind``, ``variant``, ``dice``,
+``volume_error`` and ``mask_sha256``.
 
 Usage: python benchmarks/bench_prompts.py [--data ../shared/data] [--kind 2d|3d] [--variants V ...]
-                                          [--cases NAME ...]
+                                          [--cases NAME ...] [--json out.json]
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_segment import CASES, bbox2d, prompts_for  # noqa: E402
+from results_file import ResultsFile  # noqa: E402
 
 VARIANTS = ("exact", "loose10", "tight5", "tight10", "shift10", "loose10z", "two", "three")
 
@@ -89,6 +93,7 @@ def main(argv=None) -> int:
     parser.add_argument("--kind", choices=["2d", "3d"], default="2d")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--json", type=Path, help="write the results file here instead of benchmarks/results/")
     args = parser.parse_args(argv)
     if not args.data.is_dir():
         print(f"shared data not found at {args.data}; pass --data", file=sys.stderr)
@@ -97,6 +102,7 @@ def main(argv=None) -> int:
     from medsam3d.models import load_model
 
     model = _cached(load_model("litemedsam"))
+    results = ResultsFile("prompts", f"prompts-{args.kind}", path=args.json)
     cases = {}
     for case in args.cases:
         image_path, mask_path = CASES[case]
@@ -109,8 +115,13 @@ def main(argv=None) -> int:
             doc = variant_prompt(ref, args.kind, variant)
             if doc is None:
                 continue
-            pred = m3.segment(image, doc, model=model).labels.array == 1
+            labels = m3.segment(image, doc, model=model).labels.array
+            pred = labels == 1
             rows.append((case, 2 * (pred & ref).sum() / (pred.sum() + ref.sum()), (pred.sum() - ref.sum()) / ref.sum()))
+            results.add({"case": case, "modality": "MR" if case.endswith("-mr") else "CT", "kind": args.kind,
+                         "variant": variant, "dice": round(float(rows[-1][1]), 4),
+                         "volume_error": round(float(rows[-1][2]), 4),
+                         "mask_sha256": hashlib.sha256(np.ascontiguousarray(labels, np.uint8).tobytes()).hexdigest()})
         if not rows:
             continue
         means = []
@@ -121,6 +132,7 @@ def main(argv=None) -> int:
                              f"{np.median([abs(r[2]) for r in sel]):.0%}")
         print(f"{variant:<9} " + " ".join(f"{c}={d:.3f}/{e:+.0%}" for c, d, e in rows) + "  |  " + "  ".join(means),
               flush=True)
+    print(f"results: {results.finish()}")
     return 0
 
 

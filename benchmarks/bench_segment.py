@@ -1,13 +1,21 @@
 """Benchmark: medsam3d vs the naive LiteMedSAM loop on the labelled shared cases.
 
-Prints, per case and method, Dice, 95th-percentile Hausdorff distance (MONAI), volume
-error, whether the reference volume lies in the result's ``volume_ml_range`` (``range``: the
-spread of the engine's own alternative segmentations, see the README), wall seconds of the
-segmentation (each method first runs once on a small synthetic
-volume, so model loading, imports and first calls are excluded for every method), the
-number of images encoded (``enc``: slices plus orthogonal sections), the peak resident memory
-of the process that ran it (each run is its own subprocess) and, with ``--device cuda``, the
-peak GPU memory allocated by torch.
+Measures, per case and method, Dice, 95th-percentile Hausdorff distance (MONAI), volume
+error, whether the reference volume lies in the result's ``volume_ml_range`` (the spread of
+the engine's own alternative segmentations, see the README), wall seconds of the
+segmentation (each method first runs once on a small synthetic volume, so model loading,
+imports and first calls are excluded for every method), the number of images encoded
+(slices plus orthogonal sections), the peak resident memory of the process that ran it
+(each run is its own subprocess), with ``--device cuda`` the peak GPU memory allocated by
+torch, and the SHA-256 of the label map (unchanged masks have unchanged hashes).
+
+Writes the run to one JSON file, ``benchmarks/results/<YYYY-MM-DD>_<cpuN|gpu-name>_<label>.json``
+(see ``results_file.py``; ``--json PATH`` writes it there instead), whose rows hold ``case``,
+``modality``, ``method``, ``model``, ``weights_sha256``, ``dice``, ``hd95_mm``, ``volume_ml``,
+``reference_ml``, ``volume_error`` (a fraction), ``range_holds_reference`` (null for the naive
+loop), ``seconds``, ``encoded``, ``peak_mb``, ``peak_gpu_mb``, ``volume_ml_range`` and
+``mask_sha256`` (of the label map as uint8 bytes in the input's index order). Prints a row per
+run as it goes and, at the end, the table of ``table.py``.
 
 Methods
   naive-3d : the reference LiteMedSAM 3D-box algorithm: from the middle slice of the
@@ -33,16 +41,21 @@ Methods
 ``--model NAME --checkpoint PATH`` runs the ``ours-*`` methods with another model of
 ``medsam3d.models`` (``medsam``, ``sam-vit-b/l/h``, or LiteMedSAM with other weights); the
 naive loop stays the reference LiteMedSAM algorithm, so every figure is still against it.
-Each row of ``--json`` names the model and its weights' SHA-256.
+Each row names the model and its weights' SHA-256.
+
+The label of the results file: ``tumours`` (the default cases) or ``organs``, or ``subset``
+with ``--cases``; ``-<model>`` and ``-<mm>mm`` are added for another model or ``--slice-mm``;
+``--label`` sets it.
 
 Usage: python benchmarks/bench_segment.py [--data ../shared/data] [--cases NAME ... | --organs] [--methods M ...]
-                                          [--device cpu|cuda] [--slice-mm MM] [--json out.json]
+                                          [--device cpu|cuda] [--slice-mm MM] [--label LABEL] [--json out.json]
                                           [--model NAME --checkpoint PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import resource
@@ -52,6 +65,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_file import ResultsFile  # noqa: E402
+from table import markdown_table  # noqa: E402
 
 CASES = {
     "sts041-ct": ("ibsi_sts_041/nifti/CT_image.nii.gz", "ibsi_sts_041/nifti/CT_mask.nii.gz"),
@@ -196,6 +213,7 @@ def run_one(data: Path, case: str, method: str, device: str = "cpu", slice_mm: f
         pred = run(image, prompt)
         _sync(model)
         seconds = time.perf_counter() - t0
+        labels = pred
         encoded = prompt["objects"][0]["z_range"][1] - prompt["objects"][0]["z_range"][0] + 1
         spread = None
     else:
@@ -210,9 +228,12 @@ def run_one(data: Path, case: str, method: str, device: str = "cpu", slice_mm: f
         result = run(image, prompt)
         _sync(model)
         seconds = time.perf_counter() - t0
-        pred = result.labels.array == 1
+        labels = result.labels.array
+        pred = labels == 1
         encoded = result.encoded_slices + result.settings["encoded_sections"]
-        spread = result.objects[0]["volume_ml_range"]
+        from medsam3d.record import object_records
+
+        spread = object_records(result.labels, result.objects)[0].volume_ml_range
     import torch
     from monai.metrics import compute_dice, compute_hausdorff_distance
 
@@ -223,36 +244,34 @@ def run_one(data: Path, case: str, method: str, device: str = "cpu", slice_mm: f
                                             spacing=list(image.spacing))[0, 0]) if pred.any() else float("nan")
     vol_pred = pred.sum() * image.voxel_volume_mm3 / 1000
     vol_ref = ref.sum() * image.voxel_volume_mm3 / 1000
-    return {"case": case, "method": method, "model": model.name, "weights_sha256": model.weights_sha256,
+    return {"case": case, "modality": "MR" if case.endswith("-mr") else "CT", "method": method,
+            "model": model.name, "weights_sha256": model.weights_sha256,
             "dice": round(dice, 4), "hd95_mm": round(hd95, 2),
-            "volume_ml": round(vol_pred, 2), "ref_ml": round(vol_ref, 2),
-            "volume_error": round((vol_pred - vol_ref) / vol_ref, 4), "seconds": round(seconds, 2),
+            "volume_ml": round(vol_pred, 2), "reference_ml": round(vol_ref, 2),
+            "volume_error": round((vol_pred - vol_ref) / vol_ref, 4),
+            "range_holds_reference": bool(spread[0] <= vol_ref <= spread[1]) if spread else None,
+            "seconds": round(seconds, 2), "encoded": int(encoded),
+            "peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.startswith("cuda") else None,
             "volume_ml_range": [round(v, 2) for v in spread] if spread else None,
-            "ref_in_range": bool(spread[0] <= vol_ref <= spread[1]) if spread else None,
-            "encoded_slices": int(encoded),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.startswith("cuda") else None}
+            "mask_sha256": hashlib.sha256(np.ascontiguousarray(labels, dtype=np.uint8).tobytes()).hexdigest()}
 
 
 def _in_range(row: dict) -> str:
     """Whether the reference volume lies in the result's ``volume_ml_range`` (its vote's spread)."""
-    return "-" if row.get("ref_in_range") is None else "in" if row["ref_in_range"] else "out"
+    return "-" if row.get("range_holds_reference") is None else "in" if row["range_holds_reference"] else "out"
 
 
-def _coverage(group: list[dict]) -> str:
-    ranged = [r for r in group if r.get("ref_in_range") is not None]
-    return f"  ref volume in range {sum(r['ref_in_range'] for r in ranged)}/{len(ranged)}" if ranged else ""
-
-
-def _against_naive(rows: list[dict], group: list[dict]) -> str:
-    """The group's seconds over the naive loop's on the same cases, and the cases below its Dice."""
-    naive = {r["case"]: r for r in rows if r["method"] == "naive-3d"}
-    both = [r for r in group if r["case"] in naive and r["method"] != "naive-3d"]
-    if not both:
-        return ""
-    ratio = sum(r["seconds"] for r in both) / sum(naive[r["case"]]["seconds"] for r in both)
-    below = [r["case"] for r in both if r["dice"] < naive[r["case"]]["dice"]]
-    return f"  = {ratio:.2f}x naive; below naive's Dice: {', '.join(below) or 'none'}"
+def _label(args) -> str:
+    """The results file's label (see the module doc)."""
+    if args.label:
+        return args.label
+    label = "organs" if args.organs else "tumours" if args.cases == list(CASES) else "subset"
+    if args.model != "litemedsam" or args.checkpoint:
+        label += f"-{args.model}"
+    if args.slice_mm:
+        label += f"-{args.slice_mm:g}mm"
+    return label
 
 
 def main(argv=None) -> int:
@@ -261,7 +280,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=[*CASES, *ORGAN_CASES])
     parser.add_argument("--organs", action="store_true", help="the organs and vessels of ORGAN_CASES instead")
     parser.add_argument("--methods", nargs="*", default=list(DEFAULT_METHODS), choices=METHODS)
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--label", help="the results file's label (default: see the module doc)")
+    parser.add_argument("--json", type=Path, help="write the results file here instead of benchmarks/results/")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: where every method runs")
     parser.add_argument("--slice-mm", type=float, help="resample every case along k to slices this thick first "
                         "(e.g. 2: the 3.27 mm sarcomas become 50-slice tumours)")
@@ -286,7 +306,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     model_args = ["--model", args.model] + (["--checkpoint", str(args.checkpoint.resolve())] if args.checkpoint else [])
-    rows = []
+    results = ResultsFile("segment", _label(args), device=args.device, path=args.json)
     w = max(11, *map(len, args.cases))
     header = (f"{'case':<{w}} {'method':<14} {'dice':>6} {'hd95mm':>7} {'vol_mL':>8} {'ref_mL':>8} {'vol_err':>8} "
               f"{'range':>5} {'sec':>7} {'enc':>4} {'peakMB':>7}")
@@ -303,24 +323,15 @@ def main(argv=None) -> int:
                 print(f"{case:<{w}} {method:<14} FAILED: {out.stderr.strip().splitlines()[-1:]}", flush=True)
                 continue
             row = json.loads(out.stdout.strip().splitlines()[-1])
-            rows.append(row)
+            results.add(row)
             print(f"{case:<{w}} {method:<14} {row['dice']:6.3f} {row['hd95_mm']:7.1f} {row['volume_ml']:8.2f} "
-                  f"{row['ref_ml']:8.2f} {row['volume_error']:+8.1%} {_in_range(row):>5} {row['seconds']:7.1f} "
-                  f"{row['encoded_slices']:4d} "
-                  f"{row['peak_rss_mb']:7.0f}"
+                  f"{row['reference_ml']:8.2f} {row['volume_error']:+8.1%} {_in_range(row):>5} {row['seconds']:7.1f} "
+                  f"{row['encoded']:4d} {row['peak_mb']:7.0f}"
                   + (f" gpu {row['peak_gpu_mb']:.0f} MB" if row.get("peak_gpu_mb") else ""), flush=True)
-    for method in args.methods:
-        sel = [r for r in rows if r["method"] == method]
-        if sel:
-            for group, pick in (("CT", lambda r: r["case"].endswith("-ct")), ("MR", lambda r: r["case"].endswith("-mr"))):
-                g = [r for r in sel if pick(r)]
-                if g:
-                    print(f"mean {method:<14} {group}: dice {np.mean([r['dice'] for r in g]):.3f}  "
-                          f"median |vol err| {np.median([abs(r['volume_error']) for r in g]):.1%}  "
-                          f"seconds {np.sum([r['seconds'] for r in g]):.0f} total" + _against_naive(rows, g)
-                          + _coverage(g))
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+    path = results.finish()
+    if results.doc["rows"]:
+        print("\n" + markdown_table(results.doc), end="")
+    print(f"results: {path}")
     return 0
 
 

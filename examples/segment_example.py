@@ -20,25 +20,25 @@ def main() -> None:
     def progress(done: int, total: int, message: str) -> None:
         print(f"\r  {message:<24} {done}/{total}", end="", flush=True)
 
-    result = m3.segment(image, prompts, progress=progress)
+    # one call: segment, measure, write the label map and the JSON record (both or neither)
+    record = m3.run_case(image, prompts, progress=progress,
+                         outputs={"labels": "sarcoma_labels.seg.nrrd", "report": "sarcoma_record.json"})
     print()
-    tumour = result.objects[0]
-    print(f"{tumour['name']}: {tumour['volume_ml']:.1f} mL on slices {tumour['slices']} "
-          f"in {result.seconds:.1f} s ({result.window.name} window, {result.model['runtime']})")
-    lo, hi = tumour["volume_ml_range"]  # how far the volume moves between the engine's alternatives
-    print(f"  its {tumour['alternatives']} alternative segmentations: {lo:.1f}-{hi:.1f} mL")
+    tumour = record.object("sarcoma")
+    print(f"{tumour.name}: {tumour.volume_ml:.1f} mL on slices {tumour.slices} in {record.timings['segment_s']:.1f} s "
+          f"({record.window['name']} window, {record.model['runtime']})")
+    lo, hi = tumour.volume_ml_range  # how far the volume moves between the engine's alternatives
+    print(f"  its {tumour.alternatives} alternative segmentations: {lo:.1f}-{hi:.1f} mL")
 
     # compare with the expert contour shipped with the example
     reference = m3.load_labels(HERE / "CT_mask.nii.gz", image)
-    pred, ref = result.labels.array > 0, reference.array > 0
+    pred, ref = record.labels.array > 0, reference.array > 0
     print(f"Dice vs expert: {2 * (pred & ref).sum() / (pred.sum() + ref.sum()):.3f}")
 
-    for row in m3.measure(result.labels, image=image, components=False):
-        print(f"max 3D diameter {row['max_diameter_3d_mm']:.1f} mm, axial long/short axis "
-              f"{row['long_axis_mm']:.1f}/{row['short_axis_mm']:.1f} mm, mean {row['intensity']['mean']:.0f} HU")
-
-    m3.save(result.labels, Path("sarcoma_labels.seg.nrrd"), reference=image)
-    print("wrote sarcoma_labels.seg.nrrd (open it in 3D Slicer over CT_image.nii.gz)")
+    whole = tumour.measurements["whole"]
+    print(f"max 3D diameter {whole['max_diameter_3d_mm']:.1f} mm, axial long/short axis "
+          f"{whole['long_axis_mm']:.1f}/{whole['short_axis_mm']:.1f} mm, mean {whole['intensity']['mean']:.0f} HU")
+    print("wrote sarcoma_labels.seg.nrrd (open it in 3D Slicer over CT_image.nii.gz) and sarcoma_record.json")
 
 
 if __name__ == "__main__":

@@ -36,10 +36,12 @@ class MissingDependencyError(Medsam3dError, ImportError):
     """An optional dependency needed for this feature is not installed."""
 
 
-def require(module: str, feature: str):
+def require(module: str, feature: str, *, extra: str | None = None):
     """Import ``module`` or raise :class:`MissingDependencyError` naming the feature.
 
-    Every such package is a dependency of medsam3d, so a failure means a broken install.
+    ``extra``: the optional dependency group of medsam3d that brings the package (for
+    example ``sam``); without it the package is a core dependency, and a failure means a
+    broken install.
     """
     import importlib
 
@@ -47,7 +49,11 @@ def require(module: str, feature: str):
         return importlib.import_module(module)
     except ImportError as exc:  # pragma: no cover - depends on the environment
         package = module.split(".")[0].replace("_", "-")
+        fix = f"install it with: pip install 'medsam3d[{extra}]'" if extra else f"reinstall it with: pip install {package}"
         raise MissingDependencyError(
-            f"expected the Python package '{package}' for {feature}, found it not importable ({exc}); "
-            f"reinstall it with: pip install {package}"
+            f"expected the Python package '{package}' for {feature}, found it not importable ({exc}); {fix}"
         ) from exc
+
+
+class DetectorError(ModelError):
+    """A text-prompt detector cannot be loaded, or gave an answer that is not a detection."""

@@ -4,10 +4,13 @@ Definitions (all distances in world mm through the exact affine, so anisotropic,
 flipped and oblique grids are handled):
 
 * ``volume_ml``: voxel count x ``|det(affine)|`` / 1000, exact.
-* ``mesh_volume_ml``, ``surface_mm2``: from the marching-cubes surface of the mask
-  (level 0.5, the same surface pyradiomics uses for its shape features).
+* ``mesh_volume_ml``, ``surface_mm2``: enclosed volume and area of the lesion's surface from
+  :func:`medsam3d.surface.mask_surface`, the one surface of the package (the files of
+  ``mesh`` are this surface, smoothed with its volume kept): marching cubes at level 0.5,
+  the surface IBSI and pyradiomics define their shape features on, made closed, manifold
+  and outward for every mask.
 * ``sphericity``: ``(36 pi V^2)^(1/3) / A`` with the mesh volume and area.
-* ``max_diameter_3d_mm``: the largest distance between two surface vertices.
+* ``max_diameter_3d_mm``: the largest distance between two vertices of that surface.
 * RECIST-style axial diameters: on the axial slice (the slice axis closest to S-I) where
   the lesion's area is largest, ``long_axis_mm`` is the largest in-plane distance between
   two contour points and ``short_axis_mm`` the longest chord perpendicular to it.
@@ -24,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from .surface import Surface, mask_surface, max_distance
 from .volume import Volume, reorient
 
 log = logging.getLogger(__name__)
@@ -39,41 +43,16 @@ def border_planes(mask: np.ndarray) -> list[str]:
 
 
 def surface_mesh(mask: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Marching-cubes surface of a binary mask in world mm: vertices (V, 3), faces (F, 3).
-
-    The mask is padded by one voxel so surfaces cut by the border are closed.
-    """
-    from skimage.measure import marching_cubes
-
-    padded = np.pad(mask.astype(np.float32), 1)
-    verts, faces, _, _ = marching_cubes(padded, level=0.5, method="lewiner")
-    verts = verts - 1.0  # back to voxel indices of the unpadded mask
-    world = verts @ affine[:3, :3].T + affine[:3, 3]
-    return world, faces
+    """The mask's surface in world RAS mm (:func:`medsam3d.surface.mask_surface`): vertices (V, 3),
+    faces (F, 3), closed, manifold and outward."""
+    surface = mask_surface(mask, affine)
+    return surface.vertices, surface.faces
 
 
 def mesh_volume_area(verts: np.ndarray, faces: np.ndarray) -> tuple[float, float]:
     """Enclosed volume (mm^3, divergence theorem) and area (mm^2) of a closed triangle mesh."""
-    a, b, c = verts[faces[:, 0]], verts[faces[:, 1]], verts[faces[:, 2]]
-    cross = np.cross(b - a, c - a)
-    area = 0.5 * float(np.linalg.norm(cross, axis=1).sum())
-    volume = abs(float(np.einsum("ij,ij->i", a, np.cross(b, c)).sum()) / 6.0)
-    return volume, area
-
-
-def max_distance(points: np.ndarray) -> float:
-    """Largest pairwise distance (uses the convex hull to stay fast)."""
-    if len(points) < 2:
-        return 0.0
-    try:
-        from scipy.spatial import ConvexHull
-
-        hull = points[ConvexHull(points).vertices] if len(points) > points.shape[1] + 1 else points
-    except Exception:  # degenerate (flat) point sets
-        hull = points
-    from scipy.spatial.distance import pdist
-
-    return float(pdist(hull).max()) if len(hull) > 1 else 0.0
+    surface = Surface(np.asarray(verts, float), np.asarray(faces))
+    return surface.volume_mm3, surface.area_mm2
 
 
 def recist_axes(mask2d: np.ndarray, affine2d: np.ndarray) -> dict[str, Any]:
@@ -153,12 +132,12 @@ def _component_stats(mask: np.ndarray, labels: Volume, axial: tuple[np.ndarray, 
     idx = np.argwhere(mask)
     voxels = int(len(idx))
     out: dict[str, Any] = {"voxels": voxels, "volume_ml": voxels * labels.voxel_volume_mm3 / 1000.0}
-    verts, faces = surface_mesh(mask, affine)
-    mesh_v, area = mesh_volume_area(verts, faces)
+    surface = mask_surface(mask, affine)
+    mesh_v, area = surface.volume_mm3, surface.area_mm2
     out["mesh_volume_ml"] = mesh_v / 1000.0
     out["surface_mm2"] = round(area, 3)
     out["sphericity"] = round(float((36 * np.pi * mesh_v**2) ** (1 / 3) / area), 4) if area > 0 else None
-    out["max_diameter_3d_mm"] = round(max_distance(verts), 3)
+    out["max_diameter_3d_mm"] = round(max_distance(surface.vertices), 3)
     lo, hi = idx.min(axis=0), idx.max(axis=0)
     corners = np.array([[x, y, z] for x in (lo[0] - 0.5, hi[0] + 0.5) for y in (lo[1] - 0.5, hi[1] + 0.5)
                         for z in (lo[2] - 0.5, hi[2] + 0.5)])
@@ -181,8 +160,7 @@ def _component_stats(mask: np.ndarray, labels: Volume, axial: tuple[np.ndarray, 
     if image is not None:
         values = image.array[mask].astype(np.float64)
         finite = values[np.isfinite(values)]  # NaN marks "no data": statistics of the voxels that have some
-        modality = str(image.meta.get("modality") or "")
-        out["intensity"] = {"unit": "HU" if modality.upper() == "CT" else "a.u.",
+        out["intensity"] = {"unit": _intensity_unit(image),
                             "non_finite_voxels": int(values.size - finite.size)}
         names = ("mean", "sd", "min", "max", "p5", "p25", "p50", "p75", "p95")
         if finite.size:
@@ -233,3 +211,13 @@ def _source_slice(k_axial: int, axial_affine: np.ndarray, affine: np.ndarray) ->
     centre = axial_affine[:3, :3] @ [0, 0, k_axial] + axial_affine[:3, 3]
     k = (np.linalg.inv(affine) @ np.append(centre, 1.0))[2]
     return int(round(k))
+
+
+def _intensity_unit(image: Volume) -> str:
+    """``HU`` for CT (said to be guessed when the file names no modality, as NIfTI and NRRD do not), else ``a.u.``."""
+    from .preprocess import guess_modality
+
+    modality, how = guess_modality(image)
+    if modality != "CT":
+        return "a.u."
+    return "HU" if how == "header" else "HU (modality CT guessed from the intensities)"

@@ -1,12 +1,13 @@
-"""Surface meshes of label maps with VTK, placed in patient coordinates.
+"""Surface meshes of label maps in patient coordinates, and their files.
 
-``label_mesh(labels, label)`` runs VTK's SurfaceNets3D (made for label maps) on the
-label padded by one voxel (so the surface is closed at the image border), smooths it
-with a windowed-sinc filter (``smooth`` iterations, pass band 0.1: low shrinkage), can
-decimate it (``decimate`` = fraction of triangles to remove), and maps it from voxel
-indices to world RAS mm through the exact affine (LPS on request). Normals are made
-consistent and outward, so a mirroring affine (det < 0) still gives a valid solid.
-Writers: STL, OBJ, PLY, VTP, all atomic; the space is written into STL/PLY/VTP headers.
+``label_mesh(labels, label)`` is the label's surface from :mod:`medsam3d.surface` (the same
+surface ``measure`` measures: marching cubes on the label padded by one voxel, closed,
+manifold and outward for every mask), smoothed with a windowed-sinc filter (``smooth``
+iterations; each piece keeps the volume it had before smoothing), decimated on request
+(``decimate`` = fraction of triangles to remove, skipped with a warning when the result
+would not stay closed and manifold), in world RAS mm through the exact affine (LPS on
+request). Writers: STL, OBJ, PLY, VTP, all atomic; the space is written into STL/PLY/VTP
+headers.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
-
-from .errors import GeometryError, VolumeIOError, require
+from .errors import VolumeIOError, require
 from .io._atomic import atomic_path, full_suffix
-from .volume import LPS_TO_RAS, Volume
+from .io._guard import utf8_writable
+from .surface import Surface, label_surface
+from .volume import Volume
 
 log = logging.getLogger(__name__)
 
@@ -26,102 +27,30 @@ MESH_SUFFIXES = (".stl", ".obj", ".ply", ".vtp")
 
 
 def label_mesh(labels: Volume, label: int, *, space: str = "RAS", smooth: int = 15, decimate: float = 0.0):
-    """A closed, manifold ``vtkPolyData`` surface of one label in world mm."""
-    vtk = require("vtk", "meshing")
-    from vtk.util import numpy_support
-
-    space = space.upper()
-    if space not in ("RAS", "LPS"):
-        raise GeometryError(f"expected space RAS or LPS, found {space!r}")
-    mask = np.asarray(labels.array) == label
-    if not mask.any():
-        raise GeometryError(f"expected voxels with label {label}, found none (labels present: "
-                            f"{sorted(int(v) for v in np.unique(labels.array) if v)})")
-    padded = np.pad(mask.astype(np.uint8), 1)
-    image = vtk.vtkImageData()
-    image.SetDimensions(*padded.shape)
-    image.SetOrigin(-1.0, -1.0, -1.0)  # padded index space: voxel (0,0,0) of the label at the origin
-    image.SetSpacing(1.0, 1.0, 1.0)
-    scalars = numpy_support.numpy_to_vtk(padded.ravel(order="F"), deep=True, array_type=vtk.VTK_UNSIGNED_CHAR)
-    image.GetPointData().SetScalars(scalars)
-
-    nets = vtk.vtkSurfaceNets3D()
-    nets.SetInputData(image)
-    nets.SetValue(0, 1)
-    nets.SetBackgroundLabel(0)
-    nets.SetOutputMeshTypeToTriangles()
-    nets.SmoothingOff()  # smoothing below, with a filter that preserves volume better
-    poly_port = nets.GetOutputPort()
-    if smooth and smooth > 0:
-        sinc = vtk.vtkWindowedSincPolyDataFilter()
-        sinc.SetInputConnection(poly_port)
-        sinc.SetNumberOfIterations(int(smooth))
-        sinc.SetPassBand(0.1)
-        sinc.BoundarySmoothingOff()
-        sinc.FeatureEdgeSmoothingOff()
-        sinc.NonManifoldSmoothingOn()
-        sinc.NormalizeCoordinatesOn()
-        poly_port = sinc.GetOutputPort()
-    if decimate and decimate > 0:
-        if not 0 < decimate < 1:
-            raise GeometryError(f"expected --decimate between 0 and 1 (fraction removed), found {decimate}")
-        dec = vtk.vtkQuadricDecimation()
-        dec.SetInputConnection(poly_port)
-        dec.SetTargetReduction(float(decimate))
-        dec.VolumePreservationOn()
-        poly_port = dec.GetOutputPort()
-
-    matrix = labels.affine if space == "RAS" else LPS_TO_RAS @ labels.affine
-    transform = vtk.vtkTransform()
-    m = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            m.SetElement(r, c, float(matrix[r, c]))
-    transform.SetMatrix(m)
-    tf = vtk.vtkTransformPolyDataFilter()
-    tf.SetInputConnection(poly_port)
-    tf.SetTransform(transform)
-    clean = vtk.vtkCleanPolyData()
-    clean.SetInputConnection(tf.GetOutputPort())
-    normals = vtk.vtkPolyDataNormals()
-    normals.SetInputConnection(clean.GetOutputPort())
-    normals.ConsistencyOn()
-    normals.AutoOrientNormalsOn()
-    normals.SplittingOff()
-    normals.Update()
-    poly = vtk.vtkPolyData()
-    poly.DeepCopy(normals.GetOutput())
-    tag = vtk.vtkStringArray()
-    tag.SetName("space")
-    tag.InsertNextValue(space)
-    poly.GetFieldData().AddArray(tag)
-    return poly
+    """A closed, manifold, outward ``vtkPolyData`` surface of one label in world mm (with point normals)."""
+    require("vtk", "meshing")
+    return label_surface(labels, label, space=space, smooth=smooth, decimate=decimate).to_vtk()
 
 
 def mesh_properties(poly) -> dict[str, float | int | bool]:
-    """Volume (mm^3), area (mm^2), and closedness of a mesh (boundary/non-manifold edges)."""
-    import vtk
+    """Volume (mm^3), area (mm^2) and closedness of a mesh.
 
-    props = vtk.vtkMassProperties()
-    tri = vtk.vtkTriangleFilter()
-    tri.SetInputData(poly)
-    props.SetInputConnection(tri.GetOutputPort())
-    props.Update()
-    edges = vtk.vtkFeatureEdges()
-    edges.SetInputData(poly)
-    edges.BoundaryEdgesOn()
-    edges.NonManifoldEdgesOff()
-    edges.FeatureEdgesOff()
-    edges.ManifoldEdgesOff()
-    edges.Update()
-    boundary = edges.GetOutput().GetNumberOfCells()
-    edges.BoundaryEdgesOff()
-    edges.NonManifoldEdgesOn()
-    edges.Update()
-    nonmanifold = edges.GetOutput().GetNumberOfCells()
-    return {"volume_mm3": props.GetVolume(), "area_mm2": props.GetSurfaceArea(), "triangles": poly.GetNumberOfCells(),
-            "boundary_edges": boundary, "nonmanifold_edges": nonmanifold,
-            "watertight": boundary == 0 and nonmanifold == 0}
+    ``boundary_edges`` (one triangle), ``nonmanifold_edges`` (three or more),
+    ``nonmanifold_vertices`` (more than one fan of triangles), ``misoriented_edges`` (two
+    triangles running the same way), ``regions`` (connected pieces), ``outward`` (positive
+    signed volume); ``watertight`` means closed, manifold and consistently oriented.
+    """
+    surface = Surface.from_vtk(poly)
+    if not len(surface.faces):
+        return {"volume_mm3": 0.0, "area_mm2": 0.0, "triangles": 0, "boundary_edges": 0, "nonmanifold_edges": 0,
+                "nonmanifold_vertices": 0, "misoriented_edges": 0, "regions": 0, "outward": False,
+                "watertight": False}
+    top = surface.topology()
+    signed = surface.signed_volume_mm3
+    return {"volume_mm3": abs(signed), "area_mm2": surface.area_mm2, "triangles": int(len(surface.faces)),
+            "boundary_edges": top["boundary_edges"], "nonmanifold_edges": top["nonmanifold_edges"],
+            "nonmanifold_vertices": top["nonmanifold_vertices"], "misoriented_edges": top["misoriented_edges"],
+            "regions": top["regions"], "outward": signed > 0, "watertight": top["oriented"]}
 
 
 def write_quietly(writer, what: str) -> None:
@@ -165,9 +94,10 @@ def write_mesh(poly, path: str | Path, *, label: int | None = None) -> Path:
     else:
         raise VolumeIOError(f"expected a mesh file ending in {', '.join(MESH_SUFFIXES)}, found '{path.name}'")
     with atomic_path(path) as tmp:
-        writer.SetFileName(str(tmp))
-        writer.SetInputData(poly)
-        write_quietly(writer, f"the mesh to {path}")
+        with utf8_writable(tmp) as name:  # VTK's writers take UTF-8 names only
+            writer.SetFileName(name)
+            writer.SetInputData(poly)
+            write_quietly(writer, f"the mesh to {path}")
     log.info("wrote %s", path)
     return path
 

@@ -19,9 +19,9 @@ import numpy as np
 from .errors import Medsam3dError
 from .fuse import fuse, taper_ends
 from .io import as_volume
-from .measure import border_planes
 from .preprocess import MODALITIES, Window, apply_window, choose_window, finite_intensities
 from .prompts import BoxPrompt, ObjectPrompt, prompts_from
+from .models.base import describe_model
 from .propagate import ObjectResult, PropagationConfig, SliceEncoder, propagate
 from .volume import Volume, display_axcodes, reorient
 
@@ -30,7 +30,16 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SegmentationResult:
-    """Labels on the input grid plus everything needed to report and reproduce them."""
+    """What the engine found: labels on the input grid and, per object, how it was segmented.
+
+    Volumes, their range, border flags and measurements are the record's
+    (:func:`medsam3d.record.object_records`, :func:`medsam3d.run_case`), not the engine's.
+    ``objects`` holds one dict per object: ``label``, ``name``, ``text``, ``prompts`` and
+    ``z_range`` (as resolved on the input grid), ``slices`` (first and last labelled slice, or
+    None), ``mean_score``, ``interpolated_slices``, ``stopped`` (why each end ended),
+    ``voxels_lost_to_overlap``, ``voxels_removed_by_taper`` and ``alternatives`` (each chain-vote
+    member's volume over the result's, see :mod:`medsam3d.propagate`).
+    """
 
     labels: Volume
     objects: list[dict[str, Any]]
@@ -39,23 +48,7 @@ class SegmentationResult:
     seconds: float
     encoded_slices: int
     settings: dict[str, Any] = field(default_factory=dict)
-
-    def report(self) -> dict[str, Any]:
-        from . import __version__
-
-        return {
-            "medsam3d": __version__,
-            "source": self.labels.meta.get("image_source"),
-            "grid": {"shape": list(self.labels.shape), "spacing": list(self.labels.spacing),
-                     "axcodes": "".join(self.labels.axcodes)},
-            "objects": self.objects,
-            "window": self.window.as_dict(),
-            "model": self.model,
-            "seconds": round(self.seconds, 3),
-            "encoded_slices": self.encoded_slices,
-            "encoded_sections": self.settings.get("encoded_sections", 0),
-            "settings": self.settings,
-        }
+    prompts: list[ObjectPrompt] = field(default_factory=list)
 
 
 def _zoom_crop(objects: Sequence[ObjectPrompt], shape: tuple[int, int], context: float) -> tuple[int, int, int, int] | None:
@@ -102,7 +95,7 @@ def segment(volume: Volume | str | os.PathLike, prompts, *, model=None, model_na
             device: str = "auto", window: str | None = None, modality: str | None = None,
             overlap: str = "score", keep_largest: bool = True, fill_holes: bool = True, taper: float | None = 2.0,
             zoom: float | None = 1.0, stride: int | None = None, config: PropagationConfig | None = None,
-            progress: Callable[[int, int, str], None] | None = None) -> SegmentationResult:
+            detector=None, progress: Callable[[int, int, str], None] | None = None) -> SegmentationResult:
     """Segment every prompted object of ``volume`` in 3D.
 
     Parameters
@@ -137,6 +130,9 @@ def segment(volume: Volume | str | os.PathLike, prompts, *, model=None, model_na
         whole slices, 0.83 cropped). On organs and vessels of 2-3 cm in a whole abdominal CT the crop
         shrank the masks: use None there (aorta 0.72 cropped, 0.93 whole; spinal cord 0.44 and 0.88;
         ``python benchmarks/bench_segment.py --organs``).
+    detector : Detector or str, optional
+        Answers the text prompts (prompt format version 2) that name no detector of their own:
+        a :class:`medsam3d.detect.Detector` or a registered name (see :mod:`medsam3d.detect`).
     stride : int, optional
         Encode every ``stride``-th slice first; the slices between are interpolated where
         their neighbours' masks agree and segmented where they do not (default: the
@@ -157,6 +153,10 @@ def segment(volume: Volume | str | os.PathLike, prompts, *, model=None, model_na
                             f"intensities), found {modality!r}")
     modality = str(modality).strip().upper() if modality is not None else None
     objects = prompts_from(prompts, volume)
+    if any(o.text is not None and not o.boxes for o in objects):
+        from .detect import resolve_text_prompts
+
+        objects = resolve_text_prompts(volume, objects, detector, progress=progress)
     image, non_finite = finite_intensities(volume)
     if model is None:
         model = load_model(model_name, checkpoint=checkpoint, device=device)
@@ -165,15 +165,15 @@ def segment(volume: Volume | str | os.PathLike, prompts, *, model=None, model_na
     images = apply_window(working.array, win)
     work_objects = _to_working(objects, reo)
     crop = _zoom_crop(work_objects, images.shape[:2], zoom) if zoom is not None else None
-    # a copy: the caller's config is not changed by the settings below
-    config = replace(config) if config else PropagationConfig()
+    config = config or PropagationConfig()
+    changes: dict[str, Any] = {"voxel_mm": tuple(float(v) for v in working.spacing)}
     if config.batch_size is None:
-        config.batch_size = 8 if getattr(model, "device", "cpu") != "cpu" else 1
-    config.voxel_mm = tuple(float(v) for v in working.spacing)
+        changes["batch_size"] = 8 if model.device != "cpu" else 1
     if stride is not None:
         if int(stride) < 1:
             raise Medsam3dError(f"expected a stride >= 1, found {stride}; use 1 to segment every slice")
-        config.stride = int(stride)
+        changes["stride"] = int(stride)
+    config = replace(config, **changes)  # a new config: the caller's is left as it was
     hint = sum((o.z_range[1] - o.z_range[0] + 1) if o.z_range else images.shape[2] for o in work_objects)
     encoder = SliceEncoder(model, images, crop=crop, batch_size=config.batch_size, progress=progress,
                            total_hint=min(hint, images.shape[2]))
@@ -194,37 +194,30 @@ def segment(volume: Volume | str | os.PathLike, prompts, *, model=None, model_na
     seconds = time.perf_counter() - t0
     summary = []
     for obj, res in zip(objects, results):
-        mask = labels_array == obj.label
-        voxels = int(mask.sum())
-        volume_ml = voxels * volume.voxel_volume_mm3 / 1000.0
-        ks = np.flatnonzero(mask.any(axis=(0, 1)))
-        border = border_planes(mask)
-        if border:
-            log.info("object %r (label %d) reaches the image border (%s): if it goes on beyond the image, "
-                     "its volume (%.2f mL) is a lower bound", obj.name, obj.label, ", ".join(border), volume_ml)
+        ks = np.flatnonzero((labels_array == obj.label).any(axis=(0, 1)))
         summary.append({
-            "label": obj.label, "name": obj.name, "voxels": voxels, "volume_ml": volume_ml,
+            "label": obj.label, "name": obj.name, **obj.as_dict(),
             "slices": [int(ks[0]), int(ks[-1])] if ks.size else None,
-            "touches_border": bool(border), "border_planes": border,
-            "prompts": obj.as_dict()["boxes"], "z_range": list(obj.z_range) if obj.z_range else None,
             "mean_score": round(float(np.mean([s.score for s in res.slices.values()])), 4),
             "interpolated_slices": sorted(int(k) for k, s in res.slices.items() if s.interpolated),
             "stopped": res.stop_reasons, "voxels_lost_to_overlap": lost.get(obj.label, 0),
             "voxels_removed_by_taper": tapered.get(obj.label, 0),
-            # the result's volume and its vote members' (scaled by their volume over the vote's): their spread
-            "volume_ml_range": [volume_ml * min(1.0, *res.alternatives), volume_ml * max(1.0, *res.alternatives)]
-            if res.alternatives and voxels else None,
-            "alternatives": len(res.alternatives),
+            "alternatives": [float(a) for a in res.alternatives],
         })
-    model_info = {"name": model.name, "device": model.device, "weights_sha256": model.weights_sha256,
-                  "checkpoint": getattr(model, "checkpoint", None), "runtime": getattr(model, "runtime", "torch")}
     log.info("segmented %d object(s) in %.1f s (%d slices encoded)", len(objects), seconds, encoder.encoded)
-    return SegmentationResult(labels, summary, win, model_info, seconds, encoder.encoded,
+    return SegmentationResult(labels, summary, win, describe_model(model), seconds, encoder.encoded,
                               {"encoded_sections": encoder.sections_encoded, "non_finite_voxels": non_finite,
                                "overlap": overlap, "keep_largest": keep_largest, "fill_holes": fill_holes,
-                               "taper": taper or None,
-                               "zoom": zoom, "crop": list(crop) if crop else None,
-                               "propagation": dict(vars(config))})
+                               "taper": taper or None, "zoom": zoom, "crop": list(crop) if crop else None,
+                               "detector": detector if isinstance(detector, str) or detector is None
+                               else detector.name,
+                               "propagation": _config_dict(config)}, objects)
+
+
+def _config_dict(config: PropagationConfig) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
 
 
 def _object_masks(results: Sequence[ObjectResult], shape) -> tuple[list[np.ndarray], list[np.ndarray]]:

@@ -15,6 +15,7 @@ import numpy as np
 
 from .errors import GeometryError, require
 from .io._atomic import atomic_path
+from .io._guard import utf8_writable
 from .volume import Volume, reorient
 
 log = logging.getLogger(__name__)
@@ -86,9 +87,10 @@ def render_meshes(labels: Volume, path: str | Path, *, labels_to_show: Sequence[
     path = Path(path)
     with atomic_path(path) as tmp:
         writer = vtk.vtkPNGWriter()
-        writer.SetFileName(str(tmp))
-        writer.SetInputConnection(grab.GetOutputPort())
-        write_quietly(writer, f"the picture to {path}")
+        with utf8_writable(tmp) as name:  # VTK's writers take UTF-8 names only
+            writer.SetFileName(name)
+            writer.SetInputConnection(grab.GetOutputPort())
+            write_quietly(writer, f"the picture to {path}")
     window.Finalize()
     log.info("wrote %s", path)
     return path

@@ -39,10 +39,16 @@ class Volume:
     def __post_init__(self) -> None:
         array = np.asarray(self.array)
         if array.ndim != 3:
-            raise GeometryError(
-                f"expected a 3D voxel array, found shape {array.shape}; "
-                "pass a single 3D volume (split 4D series into volumes first)"
-            )
+            if array.ndim < 3:
+                hint = (f"a {array.ndim}D array: medsam3d needs a 3D volume (a stack of slices; one slice is "
+                        "array[:, :, None])")
+            else:
+                hint = (f"a {array.ndim}D array: pass one 3D volume of it (array[..., n]), or load the file with "
+                        "volume_index=n")
+            raise GeometryError(f"expected a 3D voxel array, found shape {array.shape}, {hint}")
+        if array.dtype.kind not in "biuf":
+            raise GeometryError(f"expected a numeric voxel array (bool, integer or float), found dtype {array.dtype}; "
+                                "convert it (complex data: take its magnitude)")
         affine = np.array(self.affine, dtype=np.float64)
         if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
             raise GeometryError(f"expected a finite 4x4 affine, found {affine.shape} {affine.tolist()}")

@@ -16,6 +16,13 @@ class ThresholdModel:
     device = "cpu"
     weights_sha256 = None
     runtime = "numpy"
+    checkpoint = None
+    trust_checkpoint = False
+    can_blend = False
+
+    @staticmethod
+    def blend(fa, fb, w):
+        raise NotImplementedError("ThresholdModel cannot blend embeddings (can_blend is False)")
 
     def __init__(self):
         self.encoded = 0
@@ -53,6 +60,8 @@ def visible(mask, min_area=4):
 class BlendingThresholdModel(ThresholdModel):
     """ThresholdModel whose 'embeddings' (the images) can be blended between slices."""
 
+    can_blend = True
+
     @staticmethod
     def blend(fa, fb, w):
         return (1 - w) * fa + w * fb
@@ -65,3 +74,15 @@ class TightBoxModel(ThresholdModel):
     def decode(self, image, boxes):
         shrunk = np.asarray(boxes, np.float32).reshape(-1, 4) + [1, 1, -1, -1]
         return super().decode(image, shrunk)
+
+
+def install_plugin(folder, monkeypatch, module: str, source: str, group: str, entry: str) -> None:
+    """Install a one-module package into ``folder`` as pip would lay it out (the module and a
+    ``.dist-info`` with one entry point ``entry`` in ``group``) and put ``folder`` on ``sys.path``
+    for the test, so that ``importlib.metadata`` finds the entry point."""
+    (folder / f"{module}.py").write_text(source)
+    info = folder / f"{module}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module.replace('_', '-')}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[{group}]\n{entry}\n")
+    monkeypatch.syspath_prepend(str(folder))

@@ -267,7 +267,7 @@ def test_bad_inputs_give_clear_errors(tmp_path):
 def test_truncated_files_are_refused(tmp_path):
     data = shared("ibsi_sts_041/nifti/CT_image.nii.gz").read_bytes()
     (tmp_path / "cut.nii.gz").write_bytes(data[:5000])
-    with pytest.raises(VolumeIOError, match="cannot read"):
+    with pytest.raises(VolumeIOError, match="cannot read|truncated"):
         m3.load(tmp_path / "cut.nii.gz")
     nrrd = shared("pyradiomics/brain2_image.nrrd").read_bytes()
     (tmp_path / "cut.nrrd").write_bytes(nrrd[:3000])
@@ -321,3 +321,74 @@ def test_nrrd_lps_and_las_cases_load_with_right_volumes():
     prostate = m3.load_labels(shared("pyradiomics/prostate_phantom_subvolume-label.nrrd"))
     assert prostate.axcodes == ("R", "A", "S")
     assert {v: int((prostate.array == v).sum()) for v in (1, 7, 8, 9)} == {1: 168, 7: 170, 8: 2997, 9: 9088}
+
+
+# ---------------------------------------------------------------------- nibabel's own files, 4D, the CLI's words
+NIBABEL_DATA = os.path.join(os.path.dirname(nib.__file__), "tests", "data")
+
+
+@pytest.mark.parametrize("name, index", [("anatomical.nii", None), ("standard.nii.gz", None),
+                                         ("example4d.nii.gz", 1), ("example_nifti2.nii.gz", 0),
+                                         ("functional.nii", 19), ("test.mgz", 1)])
+def test_nibabel_test_files_read_with_nibabels_affine_and_voxels(name, index):
+    """.mgz was refused as an unknown format; a 4D file failed instead of asking for a volume."""
+    path = os.path.join(NIBABEL_DATA, name)
+    truth = nib.load(path)
+    vol = m3.load(path, volume_index=index)
+    data = np.asanyarray(truth.dataobj)
+    expected = data if index is None else data[..., index]
+    assert vol.array.dtype.isnative and np.array_equal(vol.array, expected)
+    assert np.array_equal(vol.affine, truth.affine)
+    assert vol.meta["format"] == ("mgh" if name.endswith(".mgz") else "nifti")
+    if index is not None:
+        n = data.shape[3]
+        with pytest.raises(VolumeIOError, match=f"found {n} volumes.*--volume N, N in 0..{n - 1}"):
+            m3.load(path)
+
+
+@pytest.mark.parametrize("given", [".hdr", ".img"])
+def test_nifti_pairs_read_like_their_single_file(tmp_path, given):
+    """NIfTI .hdr/.img pairs were refused as an unknown format."""
+    single = nib.load(os.path.join(NIBABEL_DATA, "anatomical.nii"))
+    affine = single.affine @ np.diag([-1.0, 1.0, 1.0, 1.0])  # a flipped axis: the affine must follow
+    affine[0, 3] += 10
+    pair = nib.Nifti1Pair(np.asanyarray(single.dataobj), affine)
+    nib.save(pair, tmp_path / "anat.img")
+    vol = m3.load(tmp_path / f"anat{given}")
+    back = nib.load(tmp_path / "anat.hdr")
+    assert np.array_equal(vol.array, np.asanyarray(single.dataobj)) and np.array_equal(vol.affine, back.affine)
+    np.testing.assert_allclose(vol.affine, affine, atol=1e-5)
+    assert vol.axcodes == tuple(nib.aff2axcodes(affine))
+
+
+def test_every_option_of_every_command_has_help():
+    """--space (mesh) and --view (render) had no help text."""
+    from medsam3d.cli import _get_parser
+
+    parser = _get_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    missing = [f"{name} {action.option_strings or action.dest}" for name, sub in commands.items()
+               for action in sub._actions if not action.help]
+    assert not missing
+    assert {"--image", "--max-labels"} <= {o for a in commands["mesh"]._actions for o in a.option_strings}
+    for name in ("measure", "render"):
+        assert "--max-labels" in {o for a in commands[name]._actions for o in a.option_strings}
+    assert "--volume" in {o for a in commands["segment"]._actions for o in a.option_strings}
+
+
+def test_info_names_its_units_and_where_the_modality_came_from(capsys):
+    """info printed 'origin: [...]' (RAS, unsaid) and 'modality: None' for a CT NIfTI."""
+    from medsam3d.cli import main
+
+    example = os.path.join(os.path.dirname(__file__), "..", "examples", "sts041_ct", "CT_image.nii.gz")
+    assert main(["info", example]) == 0
+    out = capsys.readouterr().out
+    assert "origin (RAS mm): [112.3048, 44.922, 755.0]" in out and "spacing (mm): [0.976562, 0.976562, 3.27]" in out
+    assert "intensity range: -1000 .. 1569 HU" in out
+    assert "modality: CT (none in the file; guessed from the intensities" in out
+    assert main(["info", example, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["origin"] == [112.3048, 44.922, 755.0] and info["modality"] is None  # the JSON keys are unchanged
+    dicom = shared("ibsi_sts_041/dicom/CT/image")
+    assert main(["info", str(dicom)]) == 0
+    assert "modality: CT (from the header)" in capsys.readouterr().out

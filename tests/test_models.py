@@ -5,14 +5,23 @@ import pytest
 import torch
 
 from medsam3d import ModelError
-from medsam3d.models import load_model, resolve_device
+from medsam3d.models import (MODELS, available_models, describe_model, load_model, model_spec, register_model,
+                             resolve_device, set_threads)
+from medsam3d.models.base import file_sha256, load_into, load_state_dict
 from medsam3d.models.litemedsam import LiteMedSAM, bundled_checkpoint
+from medsam3d.models.registry import MODEL_REGISTRY
 from medsam3d.models.sam import MedSAM
+
+PROTOCOL = {"name", "device", "runtime", "checkpoint", "weights_sha256", "trust_checkpoint", "can_blend"}
 
 
 def test_bundled_weights_are_verified(litemedsam):
     path, sha = bundled_checkpoint()
     assert path.is_file() and litemedsam.weights_sha256 == sha
+    assert PROTOCOL <= set(vars(litemedsam))  # set by the adapter itself, not inherited defaults
+    assert describe_model(litemedsam) == {"name": "litemedsam", "device": "cpu", "runtime": litemedsam.runtime,
+                                          "checkpoint": str(path), "weights_sha256": sha, "trust_checkpoint": False}
+    assert litemedsam.runtime in ("torch", "onnxruntime") and litemedsam.can_blend
     assert sha == "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
 
 
@@ -64,6 +73,7 @@ def test_the_reordered_box_decoder_is_segment_anythings(litemedsam):
     # BoxDecoder takes the attention products in another order (about 1.6x faster); its logits
     # must be the reference's: with LiteMedSAM's real weights on a real CT slice's embedding,
     # and with segment-anything's own (SAM ViT-B sized) decoder classes, randomly initialised
+    pytest.importorskip("segment_anything", reason="needs segment-anything (the sam extra: pip install -e '.[sam]')")
     from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
 
     from medsam3d.models.decoder import BoxDecoder, ReferenceBoxDecoder
@@ -127,6 +137,7 @@ def test_sam_family_adapters_load_a_checkpoint_and_decode_as_segment_anything(tm
     # seeded random weights, saved as a checkpoint, is loaded by both adapters, whose decode (box
     # scaling, the shared BoxDecoder, the logits' resizing) must give segment-anything's decoder's
     # masks. The embedding is random too: a ViT-B encodes a 1024 px image in 15 s on 2 cores.
+    pytest.importorskip("segment_anything", reason="needs segment-anything (the sam extra: pip install -e '.[sam]')")
     from segment_anything import sam_model_registry
 
     from medsam3d.models.decoder import BoxDecoder, ReferenceBoxDecoder
@@ -138,6 +149,10 @@ def test_sam_family_adapters_load_a_checkpoint_and_decode_as_segment_anything(tm
     boxes = np.array([[28, 23, 72, 67], [20, 10, 100, 80]])
     for name, features in (("sam-vit-b", (embedding, (768, 1024), (90, 120))), ("medsam", (embedding, (90, 120)))):
         model = load_model(name, checkpoint=path, device="cpu")
+        assert PROTOCOL <= set(vars(model))  # set by the adapter itself, not inherited defaults
+        assert describe_model(model) == {"name": name, "device": "cpu", "runtime": "torch", "checkpoint": str(path),
+                                         "weights_sha256": file_sha256(path), "trust_checkpoint": False}
+        assert model.can_blend
         assert isinstance(model._decoder, BoxDecoder)
         masks, scores = model.decode(features, boxes)
         assert masks.shape == (2, 90, 120) and masks.dtype == bool and scores.shape == (2,)
@@ -155,6 +170,7 @@ def test_the_sam_adapter_segments_a_slice_as_segment_anythings_predictor(tmp_pat
     mean nothing, but any difference in how the two prepare the image or the box shows. About 30 s
     on 2 cores (two 1024 px ViT-B encodings)."""
     import medsam3d as m3
+    pytest.importorskip("segment_anything", reason="needs segment-anything (the sam extra: pip install -e '.[sam]')")
     from segment_anything import SamPredictor, sam_model_registry
 
     from conftest import EXAMPLES
@@ -201,3 +217,221 @@ def test_missing_dependency_names_the_package_to_install():
 
     with pytest.raises(MissingDependencyError, match="expected the Python package 'no-such-pkg'.*pip install no-such-pkg"):
         require("no_such_pkg", "a feature")
+
+
+
+# ---------------------------------------------------------------- the registry, plugins, checkpoints, threads
+
+
+class TinySAM:
+    """A plugin model of one file's worth: a real torch module (a 3x3 convolution) whose weights come
+    from a checkpoint; it segments what its filtered image shows above 0.5 inside each box."""
+
+    can_blend = False
+
+    def __init__(self, name, checkpoint, device="auto", *, trust_checkpoint=False, gain=1.0):
+        self.name, self.device, self.runtime = name, resolve_device(device), "torch"
+        self.net = torch.nn.Conv2d(1, 1, 3, padding=1, bias=False)
+        state, self.trust_checkpoint = load_state_dict(checkpoint, "TinySAM", trust_checkpoint=trust_checkpoint)
+        load_into(self.net, state, checkpoint, "TinySAM")
+        self.checkpoint, self.weights_sha256 = str(checkpoint), file_sha256(checkpoint)
+        self.can_blend = False
+        self.gain = gain
+
+    def encode(self, images):
+        with torch.inference_mode():
+            return [self.net(torch.as_tensor(np.asarray(im, np.float32))[None, None])[0, 0].numpy() * self.gain
+                    for im in images]
+
+    def decode(self, features, boxes):
+        masks = np.zeros((len(boxes), *features.shape), bool)
+        for mask, (x0, y0, x1, y1) in zip(masks, np.asarray(boxes, int).reshape(-1, 4)):
+            mask[y0 : y1 + 1, x0 : x1 + 1] = features[y0 : y1 + 1, x0 : x1 + 1] > 0.5
+        return masks, np.full(len(boxes), 0.9, np.float32)
+
+    @staticmethod
+    def blend(fa, fb, w):
+        raise NotImplementedError("TinySAM cannot blend embeddings (can_blend is False)")
+
+
+def identity_conv_state():
+    net = torch.nn.Conv2d(1, 1, 3, padding=1, bias=False)
+    with torch.no_grad():
+        net.weight.zero_()
+        net.weight[0, 0, 1, 1] = 1.0
+    return net.state_dict()
+
+
+def touch(path):
+    open(path, "w").close()
+
+
+class Payload:
+    """What a malicious checkpoint pickles: unpickling it calls ``touch(marker)``."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return touch, (str(self.marker),)
+
+
+@pytest.fixture
+def tiny_model():
+    register_model("tiny-sam", TinySAM, needs_checkpoint=True, description="a 3x3 convolution (test)")
+    yield "tiny-sam"
+    MODEL_REGISTRY.remove("tiny-sam")
+
+
+def test_the_builtins_are_registered_without_importing_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, medsam3d.models as m; names = m.available_models(); spec = m.model_spec('sam-vit-h'); "
+            "print(','.join(names), spec.needs_checkpoint, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["litemedsam,medsam,sam-vit-b,sam-vit-l,sam-vit-h", "True", "False"]
+    assert MODELS == ("litemedsam", "medsam", "sam-vit-b", "sam-vit-l", "sam-vit-h")
+    assert available_models()[:5] == MODELS
+    assert not model_spec("litemedsam").needs_checkpoint and model_spec("LiteMedSAM ").description
+
+
+def test_an_unknown_model_is_one_line_listing_the_known_ones():
+    with pytest.raises(ModelError) as info:
+        load_model("sam-vit-x")
+    assert str(info.value) == ("expected a model among litemedsam, medsam, sam-vit-b, sam-vit-l, sam-vit-h, found "
+                               "'sam-vit-x'; add one with medsam3d.models.register_model or the 'medsam3d.models' "
+                               "entry point group")
+    with pytest.raises(ModelError, match="expected options among decoder, runtime for model 'litemedsam', found "
+                                         "colour"):
+        load_model("litemedsam", colour="red")
+
+
+def test_a_registered_model_loads_by_name(tmp_path, tiny_model):
+    path = tmp_path / "tiny.pth"
+    torch.save(identity_conv_state(), path)
+    assert tiny_model in available_models()
+    model = load_model(tiny_model, checkpoint=path, device="cpu", gain=2.0)
+    assert describe_model(model) == {"name": "tiny-sam", "device": "cpu", "runtime": "torch", "checkpoint": str(path),
+                                     "weights_sha256": file_sha256(path), "trust_checkpoint": False}
+    image = np.zeros((20, 30), np.float32)
+    image[5:10, 8:20] = 0.4  # x 2.0 (gain) > 0.5
+    masks, scores = model.decode(model.encode([image])[0], np.array([[0, 0, 29, 19], [0, 0, 10, 19]]))
+    assert masks[0].sum() == 60 and masks[1].sum() == 15 and scores.shape == (2,)
+    with pytest.raises(ModelError, match="--checkpoint PATH for model 'tiny-sam'"):
+        load_model(tiny_model)
+    with pytest.raises(ModelError, match="registered already"):
+        register_model(tiny_model, TinySAM, needs_checkpoint=True, description="again")
+    # a "module:attribute" factory is imported when the model is first loaded
+    register_model("tiny-sam-lazy", "test_models:TinySAM", needs_checkpoint=True, description="lazy")
+    try:
+        assert load_model("tiny-sam-lazy", checkpoint=path).name == "tiny-sam-lazy"
+    finally:
+        MODEL_REGISTRY.remove("tiny-sam-lazy")
+
+
+def test_plugins_that_break_the_protocol_are_refused(tmp_path):
+    class Nameless:  # no runtime, checkpoint...: a model that skips attributes
+        name = "half"
+
+        def __init__(self, name, checkpoint, device, *, trust_checkpoint=False):
+            pass
+
+    register_model("half", Nameless, needs_checkpoint=False, description="incomplete")
+    register_model("bad-factory", "no_such_module:build", needs_checkpoint=False, description="missing")
+    try:
+        with pytest.raises(ModelError, match="SliceModel protocol, found Nameless without device, runtime, "
+                                             "checkpoint, weights_sha256, trust_checkpoint, can_blend, encode"):
+            load_model("half")
+        with pytest.raises(ModelError, match="plugin 'bad-factory' at no_such_module:build, found it not importable"):
+            load_model("bad-factory")
+    finally:
+        MODEL_REGISTRY.remove("half")
+        MODEL_REGISTRY.remove("bad-factory")
+    with pytest.raises(ModelError, match="'package.module:attribute' string"):
+        register_model("x", "no-colon", needs_checkpoint=False, description="")
+    with pytest.raises(ModelError, match="lower case"):
+        register_model("Big", TinySAM, needs_checkpoint=False, description="")
+    with pytest.raises(ModelError, match="built-in 'medsam'"):
+        MODEL_REGISTRY.remove("medsam")
+
+
+PLUGIN = """
+from medsam3d.models.registry import ModelSpec
+from test_models import TinySAM
+
+MODEL = ModelSpec("tiny-plugin", TinySAM, needs_checkpoint=True, description="an installed plugin")
+"""
+
+
+def test_a_model_plugin_is_found_by_its_entry_point(tmp_path, monkeypatch):
+    """One module and its package's metadata (as pip installs them): the model loads by name."""
+    from synthetic import install_plugin
+
+    install_plugin(tmp_path, monkeypatch, "tiny_plugin", PLUGIN, "medsam3d.models", "tiny-plugin = tiny_plugin:MODEL")
+    assert "tiny-plugin" in available_models() and "tiny-plugin" not in MODELS
+    path = tmp_path / "tiny.pth"
+    torch.save(identity_conv_state(), path)
+    assert model_spec("tiny-plugin").needs_checkpoint
+    assert load_model("tiny-plugin", checkpoint=path).checkpoint == str(path)
+    with pytest.raises(ModelError, match="--checkpoint PATH"):
+        load_model("tiny-plugin")
+
+
+def test_a_pickled_checkpoint_is_refused_unless_trusted(tmp_path, tiny_model, caplog):
+    """weights_only=False runs code from the file: here the checkpoint touches a file when unpickled."""
+    plain, pickled, marker = tmp_path / "plain.pth", tmp_path / "pickled.pth", tmp_path / "code-ran"
+    torch.save(identity_conv_state(), plain)
+    torch.save({"model": identity_conv_state(), "args": Payload(marker)}, pickled)
+    assert load_model(tiny_model, checkpoint=plain, trust_checkpoint=True).trust_checkpoint is False  # safe anyway
+    with pytest.raises(ModelError) as info:
+        load_model(tiny_model, checkpoint=pickled)
+    assert str(info.value) == (
+        f"expected a weights-only TinySAM checkpoint at {pickled}, found one that pickles Python objects (global "
+        "test_models.touch), which torch refuses to load safely; unpickling it can run code from the file: if you "
+        "trust where it came from, pass --trust-checkpoint (trust_checkpoint=True)")
+    assert not marker.exists()
+    with caplog.at_level("WARNING", logger="medsam3d.models.base"):
+        model = load_model(tiny_model, checkpoint=pickled, trust_checkpoint=True)
+    assert marker.exists()  # the file's code ran: what the opt-in allows
+    assert model.trust_checkpoint is True and describe_model(model)["trust_checkpoint"] is True
+    assert any("trust_checkpoint=True" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+    state, unpickled = load_state_dict(plain, "TinySAM")
+    assert not unpickled and set(state) == {"weight"}
+
+
+def test_litemedsam_and_medsam_refuse_a_pickled_checkpoint_unless_trusted(tmp_path, litemedsam):
+    """A user's LiteMedSAM checkpoint saved with its training arguments (a Python object)."""
+    from argparse import Namespace
+
+    path = tmp_path / "lite_with_args.pth"
+    torch.save({"model": litemedsam.net.state_dict(), "args": Namespace(lr=1e-4)}, path)
+    with pytest.raises(ModelError, match="^expected a weights-only LiteMedSAM checkpoint at .*global "
+                                         "argparse.Namespace.*pass --trust-checkpoint"):
+        load_model("litemedsam", checkpoint=path, device="cpu", runtime="torch")
+    model = load_model("litemedsam", checkpoint=path, device="cpu", runtime="torch", trust_checkpoint=True)
+    assert describe_model(model) == {"name": "litemedsam", "device": "cpu", "runtime": "torch",
+                                     "checkpoint": str(path), "weights_sha256": file_sha256(path),
+                                     "trust_checkpoint": True}
+    with pytest.raises(ModelError, match="^expected a weights-only medsam checkpoint"):
+        MedSAM("medsam", path, "cpu")  # the SAM family's adapters refuse it the same way, before building
+
+
+def test_set_threads_caps_torch_onnxruntime_and_the_thread_pool():
+    from medsam3d import _parallel
+
+    before = torch.get_num_threads()
+    try:
+        model = load_model("litemedsam", device="cpu", threads=1)
+        assert torch.get_num_threads() == 1 and _parallel.thread_cap() == 1
+        if model.runtime == "onnxruntime":
+            for session in (model._ort, model._ort_decoder):
+                assert session.get_session_options().intra_op_num_threads == 1
+        assert _parallel.map_threads(lambda x: x * 2, [1, 2, 3]) == [2, 4, 6]
+    finally:
+        set_threads(None)
+    assert torch.get_num_threads() == before and _parallel.thread_cap() is None
+    with pytest.raises(ModelError, match="thread count >= 1"):
+        set_threads(0)
+    with pytest.raises(ModelError, match="thread count >= 1"):
+        set_threads(True)

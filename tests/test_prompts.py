@@ -189,3 +189,50 @@ def test_cli_joins_minus_signed_coordinates_to_their_option():
     assert _join_negative_values(["--box-ras", "-.5,1,2,3,4,5"]) == ["--box-ras=-.5,1,2,3,4,5"]
     assert _join_negative_values(["--box-ras", "1,2,3,4,5,6", "-v"]) == ["--box-ras", "1,2,3,4,5,6", "-v"]
     assert _join_negative_values(["--json", "-1.json"]) == ["--json", "-1.json"]  # other options untouched
+
+
+def test_version_2_text_objects(vol):
+    from medsam3d.prompts import ObjectPrompt
+
+    doc = {"version": 2, "objects": [
+        {"name": "liver", "text": "liver"},
+        {"name": "lesion", "text": "tumor", "detector": "grounding-dino", "label": 7},
+        {"name": "node", "slice": 12, "box": [10, 12, 30, 33], "z_range": [8, 17]},
+    ]}
+    objs = parse_prompts(doc, vol)
+    assert [(o.name, o.label, o.text, o.detector, o.boxes) for o in objs[:2]] == [
+        ("liver", 1, "liver", None, []), ("lesion", 7, "tumor", "grounding-dino", [])]
+    assert objs[2].text is None and objs[2].label == 2 and objs[2].z_range == (8, 17)
+    for obj in objs:
+        assert ObjectPrompt.from_dict(json.loads(json.dumps(obj.as_dict()))) == obj
+    assert "text" not in objs[2].as_dict()  # version-1 objects are written as before
+    assert parse_prompts([{"name": "liver", "text": "liver"}], vol)[0].text == "liver"  # a bare list: version 2
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"text": "liver"}, "a 'name' in object #1 of a version 2 prompt file"),
+    ({"name": "a", "text": "liver", "slice": 3, "box": [0, 0, 5, 5]}, "either 'text' or a box"),
+    ({"name": "a", "text": "liver", "box_ras": [[0, 0, 0], [1, 1, 1]]}, "either 'text' or a box"),
+    ({"name": "a", "text": "  "}, "non-empty text"),
+    ({"name": "a", "text": "liver", "detector": 3}, "'detector' of object #1 \\('a'\\) as a non-empty text"),
+    ({"name": "a", "slice": 3, "box": [0, 0, 5, 5], "detector": "x"}, "'detector' with a 'text'"),
+    ({"name": "a", "text": "liver", "prompt": "x"}, "unknown \\['prompt'\\]"),
+])
+def test_invalid_version_2_entries_are_refused(vol, entry, message):
+    with pytest.raises(PromptError, match=message):
+        parse_prompts({"version": 2, "objects": [entry]}, vol)
+
+
+def test_text_needs_version_2_and_one_kind_of_prompt_per_object(vol):
+    with pytest.raises(PromptError, match="^expected prompt file version 2 for \\['text'\\] in object #1, found "
+                                          "version 1; set \"version\": 2"):
+        parse_prompts({"version": 1, "objects": [{"name": "liver", "text": "liver"}]}, vol)
+    for entries in ([{"name": "a", "text": "liver"}, {"name": "a", "slice": 3, "box": [0, 0, 5, 5]}],
+                    [{"name": "a", "slice": 3, "box": [0, 0, 5, 5]}, {"name": "a", "text": "liver"}]):
+        with pytest.raises(PromptError, match="either"):
+            parse_prompts({"version": 2, "objects": entries}, vol)
+    with pytest.raises(PromptError, match="one text per object, found 'liver' and 'spleen'"):
+        parse_prompts({"version": 2, "objects": [{"name": "a", "text": "liver"}, {"name": "a", "text": "spleen"}]},
+                      vol)
+    with pytest.raises(PromptError, match="version 1 or 2, found 3"):
+        parse_prompts({"version": 3, "objects": [{"name": "a", "text": "liver"}]}, vol)

