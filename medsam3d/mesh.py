@@ -26,6 +26,15 @@ log = logging.getLogger(__name__)
 MESH_SUFFIXES = (".stl", ".obj", ".ply", ".vtp")
 
 
+def mesh_paths(path: str | Path, labels: list[int]) -> dict[int, Path]:
+    """Where each label's surface goes: ``path`` itself for one label, ``NAME_label<N>.ext`` beside it for several."""
+    path = Path(path)
+    suffix = full_suffix(path)
+    if len(labels) == 1:
+        return {labels[0]: path}
+    return {value: path.with_name(f"{path.name[: -len(suffix)]}_label{value}{suffix}") for value in labels}
+
+
 def label_mesh(labels: Volume, label: int, *, space: str = "RAS", smooth: int = 15, decimate: float = 0.0):
     """A closed, manifold, outward ``vtkPolyData`` surface of one label in world mm (with point normals)."""
     require("vtk", "meshing")

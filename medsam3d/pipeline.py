@@ -174,9 +174,13 @@ def segment(volume: Volume | str | os.PathLike, prompts, *, model=None, model_na
             raise Medsam3dError(f"expected a stride >= 1, found {stride}; use 1 to segment every slice")
         changes["stride"] = int(stride)
     config = replace(config, **changes)  # a new config: the caller's is left as it was
-    hint = sum((o.z_range[1] - o.z_range[0] + 1) if o.z_range else images.shape[2] for o in work_objects)
+    # the work planned: every stride-th slice of each object's range (the whole volume without a
+    # z_range) and its ends; the gaps may add a few, and the caller's bar then grows its total
+    span = min(images.shape[2], sum((o.z_range[1] - o.z_range[0] + 1) if o.z_range else images.shape[2]
+                                    for o in work_objects))
+    planned = min(span, -(-span // max(1, config.stride)) + 1)
     encoder = SliceEncoder(model, images, crop=crop, batch_size=config.batch_size, progress=progress,
-                           total_hint=min(hint, images.shape[2]))
+                           total_hint=planned)
     results = propagate(encoder, work_objects, config)
     masks, scores = _object_masks(results, images.shape)
     fused, lost = fuse(masks, scores, [o.label for o in work_objects], overlap=overlap,

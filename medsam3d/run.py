@@ -202,18 +202,15 @@ def _given_prompts(prompts: Any) -> dict[str, Any]:
 
 def _meshes(labels: Volume, records, path, staged, record: CaseRecord) -> None:
     """Each object's surface (RAS, patient space): its properties into the record, written when ``path`` is given."""
-    from .io._atomic import full_suffix
-    from .mesh import label_mesh, mesh_properties, write_mesh
+    from .mesh import label_mesh, mesh_paths, mesh_properties, write_mesh
 
     present = [r for r in records if r.voxels]
+    paths = mesh_paths(path, [r.label for r in present]) if path is not None and present else {}
     for obj in present:
         poly = label_mesh(labels, obj.label)
         props = mesh_properties(poly)
-        out = None
-        if path is not None:
-            path = Path(path)
-            suffix = full_suffix(path)
-            out = path if len(present) == 1 else path.with_name(f"{path.name[: -len(suffix)]}_label{obj.label}{suffix}")
+        out = paths.get(obj.label)
+        if out is not None:
             write_mesh(poly, staged.staged(out), label=obj.label)
             record.outputs["meshes"].append(str(out))
         obj.mesh = {"path": str(out) if out else None, "space": "RAS", "triangles": int(props["triangles"]),

@@ -57,7 +57,8 @@ class SliceEncoder:
             for s, f in zip(todo, features):
                 self.cache[s] = f
             if self.progress:
-                self.progress(len(self.cache), self.total_hint, f"encoded slice {k}")
+                done = len(self.cache)  # the plan is an estimate: a longer walk raises the total
+                self.progress(done, max(done, self.total_hint), f"encoded slice {k}")
         return self.cache[k]
 
     def blended(self, k: int):
