@@ -200,7 +200,7 @@ def segment(volume: Volume | str | os.PathLike, prompts, *, model=None, model_na
     for obj, res in zip(objects, results):
         ks = np.flatnonzero((labels_array == obj.label).any(axis=(0, 1)))
         summary.append({
-            "label": obj.label, "name": obj.name, **obj.as_dict(),
+            **obj.as_dict(),  # name, label, boxes, z_range (and text, detector, score when set)
             "slices": [int(ks[0]), int(ks[-1])] if ks.size else None,
             "mean_score": round(float(np.mean([s.score for s in res.slices.values()])), 4),
             "interpolated_slices": sorted(int(k) for k, s in res.slices.items() if s.interpolated),

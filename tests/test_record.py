@@ -161,3 +161,22 @@ def test_cli_and_api_give_the_same_record_on_the_example(tmp_path, litemedsam):
     assert record.object("sarcoma").volume_ml > 0 and record.object(1).slices == [21, 25]
     a, b = m3.load(tmp_path / "cli.seg.nrrd"), m3.load(tmp_path / "api.seg.nrrd")
     assert np.array_equal(a.array, b.array)
+
+
+def test_a_text_prompt_through_run_case_is_recorded_as_proposed_and_resolved(tmp_path):
+    """A v2 text entry answered by a detector (a real classical one, from test_detect): one object per
+    blob, each with its text, detector and score in the record, which still follows the schema."""
+    from test_detect import BrightBlobDetector
+
+    mask = ellipsoid((48, 44, 24), (14, 14, 8), (5, 5, 3)) | ellipsoid((48, 44, 24), (34, 30, 15), (6, 5, 4))
+    volume = m3.Volume(np.where(mask, 0.9, 0.1).astype(np.float32), np.diag([0.8, 0.9, 2.5, 1.0]), {"modality": "MR"})
+    record = m3.run_case(volume, {"version": 2, "objects": [{"name": "lesion", "text": "lesion"}]},
+                         model=ThresholdModel(), detector=BrightBlobDetector(), window="percentile", zoom=None,
+                         taper=None, outputs={"report": tmp_path / "r.json"})
+    report = json.loads((tmp_path / "r.json").read_text())
+    validate_report(report)
+    assert [o.name for o in record.objects] == ["lesion", "lesion 2"] and {o.text for o in record.objects} == {"lesion"}
+    assert all(o.voxels > 0 for o in record.objects) and report["settings"]["detector"] == "bright-blobs"
+    resolved = report["prompts"]["resolved"]
+    assert [r["detector"] for r in resolved] == ["bright-blobs"] * 2 and all(r["score"] > 0.5 for r in resolved)
+    assert report["prompts"]["given"]["objects"][0] == {"name": "lesion", "text": "lesion"}
