@@ -35,6 +35,24 @@ def mesh_paths(path: str | Path, labels: list[int]) -> dict[int, Path]:
     return {value: path.with_name(f"{path.name[: -len(suffix)]}_label{value}{suffix}") for value in labels}
 
 
+def write_label_meshes(labels: Volume, values: list[int], path: str | Path | None, staged, *, names_from=None,
+                       **options) -> dict[int, tuple[Path | None, dict[str, float | int | bool]]]:
+    """Each label's surface (:func:`label_mesh` with ``options``) and its :func:`mesh_properties`;
+    written, when ``path`` is given, to its :func:`mesh_paths` file staged in ``staged`` (an
+    :class:`~medsam3d.io._atomic.OutputSet`: the files land together or not at all). The file
+    names come from ``names_from`` (default: ``values``), so that a label's file name does not
+    depend on which other labels were meshed."""
+    paths = mesh_paths(path, list(names_from or values)) if path is not None and values else {}
+    out = {}
+    for value in values:
+        poly = label_mesh(labels, value, **options)
+        target = paths.get(value)
+        if target is not None:
+            write_mesh(poly, staged.staged(target), label=value)
+        out[value] = (target, mesh_properties(poly))
+    return out
+
+
 def label_mesh(labels: Volume, label: int, *, space: str = "RAS", smooth: int = 15, decimate: float = 0.0):
     """A closed, manifold, outward ``vtkPolyData`` surface of one label in world mm (with point normals)."""
     require("vtk", "meshing")

@@ -126,10 +126,9 @@ def segment(volume: Volume | str | os.PathLike, prompts, *, model=None, model_na
         any object that is not roughly ellipsoidal).
     zoom : float or None
         Encode a crop around the prompts, each side extended by ``zoom`` x the box size
-        (None: whole slices). Small objects in large slices gain resolution (breast1, 3D box: Dice 0.59 on
-        whole slices, 0.83 cropped). On organs and vessels of 2-3 cm in a whole abdominal CT the crop
-        shrank the masks: use None there (aorta 0.72 cropped, 0.93 whole; spinal cord 0.44 and 0.88;
-        ``python benchmarks/bench_segment.py --organs``).
+        (None: whole slices). Small objects in large slices gain resolution from the crop; organs
+        and vessels of a few cm in a whole abdominal CT can come out shrunk by it: use None there
+        (the guide's engine page, and ``benchmarks/bench_segment.py --organs``, give the figures).
     detector : Detector or str, optional
         Answers the text prompts (prompt format version 2) that name no detector of their own:
         a :class:`medsam3d.detect.Detector` or a registered name (see :mod:`medsam3d.detect`).
@@ -202,7 +201,7 @@ def segment(volume: Volume | str | os.PathLike, prompts, *, model=None, model_na
         summary.append({
             **obj.as_dict(),  # name, label, boxes, z_range (and text, detector, score when set)
             "slices": [int(ks[0]), int(ks[-1])] if ks.size else None,
-            "mean_score": round(float(np.mean([s.score for s in res.slices.values()])), 4),
+            "mean_score": round(float(np.mean([s.score for s in res.slices.values()])), 4) if res.slices else 0.0,
             "interpolated_slices": sorted(int(k) for k, s in res.slices.items() if s.interpolated),
             "stopped": res.stop_reasons, "voxels_lost_to_overlap": lost.get(obj.label, 0),
             "voxels_removed_by_taper": tapered.get(obj.label, 0),

@@ -9,7 +9,9 @@ the same case (times, output paths, the creation time) carry ``"x-volatile": tru
 schema; :func:`stable_view` drops them, so that two entry points can be compared.
 
 Versioning: a new optional field raises the minor version (``1.1``), a removed or
-re-typed field the major version; a reader accepts every report of its major version.
+re-typed field the major version. The schema is strict, so a reader validates the reports
+of its own major version up to its own minor version; a report of another major version is
+refused with a message saying so before the schema is applied.
 """
 
 from __future__ import annotations
@@ -99,7 +101,8 @@ class CaseRecord:
         return _jsonable(out)
 
     def to_json(self, **kwargs) -> str:
-        return json.dumps(self.to_dict(), **{"indent": 2, **kwargs})
+        """The report as JSON text (strict JSON: a NaN or infinity is an error, not written)."""
+        return json.dumps(self.to_dict(), **{"indent": 2, "allow_nan": False, **kwargs})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "CaseRecord":
@@ -176,19 +179,18 @@ def object_records(labels: Volume, engine_objects: list[dict[str, Any]],
 def describe_input(volume: Volume, path: str | Path | None = None) -> dict[str, Any]:
     """The input as the record names it: where it came from, its content hash and its grid.
 
-    ``sha256`` is the file's; for a DICOM series, the hash of its files' bytes in slice order.
+    ``sha256`` is the file's when the image is one file. When it is several (a DICOM series in
+    slice order; a header and its data file: ``.hdr``/``.img``, ``.mhd``, ``.nhdr``), it is the
+    SHA-256 of the list of the files' own SHA-256 digests, one hex digest per line.
     """
     meta = volume.meta
     files = [Path(f) for f in meta.get("dicom_files") or ()]
     source = path if path is not None else meta.get("source")
     if not files and source is not None and Path(source).is_file():
-        files = [Path(source)]
-    digest = None
-    if files:
-        h = hashlib.sha256()
-        for f in files:
-            h.update(_file_sha256(f).encode())
-        digest = h.hexdigest() if len(files) > 1 else _file_sha256(files[0])
+        files = [Path(source), *_data_files(Path(source))]
+    digests = [_file_sha256(f) for f in files]
+    digest = digests[0] if len(digests) == 1 else \
+        hashlib.sha256("".join(d + "\n" for d in digests).encode()).hexdigest() if digests else None
     return {
         "path": str(source) if source is not None else None,
         "format": meta.get("format"),
@@ -199,6 +201,22 @@ def describe_input(volume: Volume, path: str | Path | None = None) -> dict[str, 
         "grid": {"shape": [int(n) for n in volume.shape], "spacing": [float(s) for s in volume.spacing],
                  "axcodes": "".join(volume.axcodes), "affine": np.asarray(volume.affine, float).tolist()},
     }
+
+
+def _data_files(header: Path) -> list[Path]:
+    """The data file(s) a header file names (Analyze/NIfTI pair, MetaImage, detached NRRD)."""
+    name = header.name.lower()
+    if name.endswith(".hdr"):
+        return [p for p in (header.with_suffix(".img"), header.with_suffix(".IMG")) if p.is_file()][:1]
+    if name.endswith((".mhd", ".nhdr")):
+        key = "elementdatafile" if name.endswith(".mhd") else "data file"
+        with open(header, "rb") as handle:
+            for raw in handle.read(64 * 1024).decode("latin-1").splitlines():
+                field, sep, value = raw.replace(":", "=", 1).partition("=")
+                if sep and field.strip().lower() in (key, "datafile"):
+                    candidate = header.parent / value.strip()
+                    return [candidate] if candidate.is_file() else []
+    return []
 
 
 def _file_sha256(path: Path) -> str:
@@ -219,6 +237,12 @@ def validate_report(report: dict[str, Any]) -> None:
     """Raise :class:`ReportError` (one line: where, what) unless ``report`` follows the schema."""
     import jsonschema
 
+    if not isinstance(report, dict):
+        raise ReportError(f"expected a medsam3d report (a JSON object), found {type(report).__name__}")
+    major = str(report.get("schema_version", "")).split(".")[0]
+    if "schema_version" in report and major != SCHEMA_VERSION.split(".")[0]:
+        raise ReportError(f"expected a report of schema {SCHEMA_VERSION.split('.')[0]}.x, found "
+                          f"{report.get('schema_version')!r}; use the medsam3d version that wrote it")
     validator = jsonschema.Draft202012Validator(schema())
     errors = sorted(validator.iter_errors(report), key=lambda e: list(e.absolute_path))
     if errors:
@@ -227,10 +251,6 @@ def validate_report(report: dict[str, Any]) -> None:
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise ReportError(f"expected a medsam3d report following schema {SCHEMA_VERSION}, found at {where}: "
                           f"{first.message[:200]}{more}")
-    major = str(report.get("schema_version", "")).split(".")[0]
-    if major != SCHEMA_VERSION.split(".")[0]:
-        raise ReportError(f"expected a report of schema {SCHEMA_VERSION.split('.')[0]}.x, found "
-                          f"{report.get('schema_version')!r}; use the medsam3d version that wrote it")
 
 
 def volatile_paths(node: dict[str, Any] | None = None, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:

@@ -73,6 +73,32 @@ class CaseOutputs:
                 raise VolumeIOError(f"expected a picture path ending in .png, found '{Path(self.picture).name}'")
             check_output_path(self.picture)
 
+    def check_not_inputs(self, volume: Volume, prompts: Any) -> None:
+        """Refuse an output that would overwrite the image or the prompt file it is made from."""
+        inputs = [Path(f) for f in volume.meta.get("dicom_files") or ()]
+        for source in (volume.meta.get("source"), prompts if isinstance(prompts, (str, os.PathLike)) else None):
+            if source is not None:
+                inputs.append(Path(source))
+        taken = {_same_file_key(p) for p in inputs if Path(p).is_file()}
+        for what, path in (("labels", self.labels), ("report", self.report), ("mesh", self.mesh),
+                           ("picture", self.picture)):
+            if path is not None and Path(path).is_file() and _same_file_key(Path(path)) in taken:
+                raise VolumeIOError(f"expected the {what} output to be a new file, found it is an input of this "
+                                    f"case ({path}); choose another name")
+
+
+def check_engine_options(options: dict[str, Any]) -> None:
+    """Refuse, before any work, an option :func:`medsam3d.segment` does not take (one line, the known ones)."""
+    import inspect
+
+    from .pipeline import segment
+
+    known = [n for n, p in inspect.signature(segment).parameters.items()
+             if p.kind is p.KEYWORD_ONLY and n not in ("model", "model_name", "checkpoint", "device", "progress")]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise Medsam3dError(f"expected engine options among {', '.join(known)}, found {', '.join(map(repr, unknown))}")
+
 
 def run_case(image: Volume | str | os.PathLike, prompts: Any, *, outputs: CaseOutputs | dict[str, Any] | None = None,
              measure: bool = True, mesh: bool = False, model=None, model_name: str = "litemedsam",
@@ -117,14 +143,16 @@ def run_case(image: Volume | str | os.PathLike, prompts: Any, *, outputs: CaseOu
     from .prompts import prompts_from
 
     t0 = time.perf_counter()
+    check_engine_options(options)
     outputs = CaseOutputs.of(outputs)
     outputs.check()
     if threads is not None:
-        set_threads(int(threads))
+        set_threads(threads)
     if isinstance(image, (str, os.PathLike)):
         volume = load(image, series_uid=series_uid, allow_tilt=allow_tilt, volume_index=volume_index)
     else:
         volume = as_volume(image)
+    outputs.check_not_inputs(volume, prompts)
     if outputs.labels is not None:
         check_output(outputs.labels, reference=volume)  # DICOM SEG needs a DICOM input
     objects = prompts_from(prompts, volume)  # checked first: the record's copy below reads a valid file
@@ -152,6 +180,7 @@ def run_case(image: Volume | str | os.PathLike, prompts: Any, *, outputs: CaseOu
         t_mesh = time.perf_counter()
         if mesh or outputs.mesh is not None:
             _meshes(result.labels, records, outputs.mesh, staged, record)
+        t_picture = time.perf_counter()
         if outputs.picture is not None:
             from .render import render_meshes
 
@@ -169,7 +198,8 @@ def run_case(image: Volume | str | os.PathLike, prompts: Any, *, outputs: CaseOu
         record.outputs["report"] = str(outputs.report) if outputs.report is not None else None
         end = time.perf_counter()
         record.timings = {"load_s": t_load - t0, "segment_s": t_seg - t_load, "measure_s": t_measure - t_seg,
-                          "mesh_s": t_write - t_mesh, "write_s": end - t_write, "total_s": end - t0}
+                          "mesh_s": t_picture - t_mesh, "picture_s": t_write - t_picture, "write_s": end - t_write,
+                          "total_s": end - t0}
         record.timings = {k: round(v, 3) for k, v in record.timings.items()}
         if outputs.report is not None:
             staged.staged(outputs.report).write_text(record.to_json() + "\n")
@@ -179,6 +209,11 @@ def run_case(image: Volume | str | os.PathLike, prompts: Any, *, outputs: CaseOu
             log.info("object %r (label %d) reaches the image border (%s): if it goes on beyond the image, its "
                      "volume (%.2f mL) is a lower bound", obj.name, obj.label, ", ".join(obj.border_planes), obj.volume_ml)
     return record
+
+
+def _same_file_key(path: Path) -> tuple[int, int]:
+    info = path.stat()
+    return info.st_dev, info.st_ino
 
 
 def _given_prompts(prompts: Any) -> dict[str, Any]:
@@ -202,16 +237,15 @@ def _given_prompts(prompts: Any) -> dict[str, Any]:
 
 def _meshes(labels: Volume, records, path, staged, record: CaseRecord) -> None:
     """Each object's surface (RAS, patient space): its properties into the record, written when ``path`` is given."""
-    from .mesh import label_mesh, mesh_paths, mesh_properties, write_mesh
+    from .mesh import write_label_meshes
 
-    present = [r for r in records if r.voxels]
-    paths = mesh_paths(path, [r.label for r in present]) if path is not None and present else {}
-    for obj in present:
-        poly = label_mesh(labels, obj.label)
-        props = mesh_properties(poly)
-        out = paths.get(obj.label)
+    meshes = write_label_meshes(labels, [r.label for r in records if r.voxels], path, staged,
+                                names_from=[r.label for r in records])
+    for obj in records:
+        if obj.label not in meshes:
+            continue
+        out, props = meshes[obj.label]
         if out is not None:
-            write_mesh(poly, staged.staged(out), label=obj.label)
             record.outputs["meshes"].append(str(out))
         obj.mesh = {"path": str(out) if out else None, "space": "RAS", "triangles": int(props["triangles"]),
                     "volume_ml": props["volume_mm3"] / 1000.0, "area_mm2": float(props["area_mm2"]),

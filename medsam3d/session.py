@@ -36,13 +36,21 @@ DEFAULT_CACHE_MB = 1024
 class CachedModel:
     """A :class:`~medsam3d.models.SliceModel` whose encodings are cached by image content.
 
-    Everything but :meth:`encode` is the wrapped model's. ``hits``, ``misses`` (images
-    encoded) and ``nbytes`` say what the cache did.
+    The SliceModel attributes, :meth:`decode` and :meth:`blend` are the wrapped model's;
+    ``hits``, ``misses`` (images encoded) and ``nbytes`` say what the cache did. Calls from
+    several threads are serialised by a lock (the engine itself calls from one thread).
+    Features of a type whose size cannot be read (not arrays or tensors) count as
+    ``fallback_bytes`` each, so the bound holds for any model.
     """
 
+    fallback_bytes = 4 << 20
+
     def __init__(self, model, max_bytes: int = DEFAULT_CACHE_MB << 20):
+        import threading
+
         self.model = model
         self.max_bytes = int(max_bytes)
+        self._lock = threading.RLock()
         self._cache: OrderedDict[bytes, tuple[Any, int]] = OrderedDict()
         self.nbytes = 0
         self.hits = 0
@@ -70,11 +78,15 @@ class CachedModel:
 
     def encode(self, images: Sequence[np.ndarray]) -> list[Any]:
         keys = [self.key(im) for im in images]
+        with self._lock:
+            return self._encode(images, keys)
+
+    def _encode(self, images: Sequence[np.ndarray], keys: list[bytes]) -> list[Any]:
         todo = [n for n, k in enumerate(keys) if k not in self._cache]
         todo = [n for n in todo if keys[n] not in {keys[m] for m in todo if m < n}]  # one encoding per distinct image
         if todo:
             for n, features in zip(todo, self.model.encode([images[n] for n in todo])):
-                size = _nbytes(features)
+                size = _nbytes(features) or self.fallback_bytes
                 self._cache[keys[n]] = (features, size)
                 self.nbytes += size
             self.misses += len(todo)
@@ -83,7 +95,7 @@ class CachedModel:
             self._cache.move_to_end(k)
             out.append(self._cache[k][0])
         self.hits += len(keys) - len(todo)
-        self._evict()
+        self._evict()  # after the lookups: this call's own features stay until it returns them
         return out
 
     def _evict(self) -> None:
@@ -92,8 +104,9 @@ class CachedModel:
             self.nbytes -= size
 
     def clear(self) -> None:
-        self._cache.clear()
-        self.nbytes = 0
+        with self._lock:
+            self._cache.clear()
+            self.nbytes = 0
 
     def info(self) -> dict[str, int]:
         return {"entries": len(self._cache), "bytes": self.nbytes, "hits": self.hits, "misses": self.misses,
@@ -134,9 +147,11 @@ class Session:
                  **options):
         from .io import as_volume, load
         from .models import load_model, set_threads
+        from .run import check_engine_options
 
+        check_engine_options(options)
         if threads is not None:
-            set_threads(int(threads))
+            set_threads(threads)
         self.volume = load(image, series_uid=series_uid, allow_tilt=allow_tilt, volume_index=volume_index) \
             if isinstance(image, (str, os.PathLike)) else as_volume(image)
         if model is None:
@@ -163,7 +178,7 @@ class Session:
         ``replace``, and segment again with the cached embeddings (see the module docstring)."""
         from dataclasses import replace as changed
 
-        from .prompts import BoxPrompt, parse_prompts
+        from .prompts import parse_prompts
 
         if not self.objects:
             raise PromptError("expected a segmentation to refine, found none in this session; call segment() first")
@@ -172,10 +187,9 @@ class Session:
             known = ", ".join(f"{o.name!r} (label {o.label})" for o in self.objects)
             raise PromptError(f"expected an object of this session ({known}), found {obj!r}")
         target = matches[0]
-        # validate the box as a prompt file entry would be (inside the image, not inverted)
-        parse_prompts({"version": 1, "objects": [{"name": target.name, "slice": int(slice), "box": list(box)}]},
-                      self.volume)
-        new = BoxPrompt(int(slice), tuple(int(v) for v in box))
+        # the box checked and read as a prompt file entry would be (whole numbers, inside the image)
+        entry = {"name": target.name, "slice": slice, "box": list(box) if isinstance(box, (list, tuple)) else box}
+        new = parse_prompts({"version": 1, "objects": [entry]}, self.volume)[0].boxes[0]
         boxes = [b for b in target.boxes if not (replace and b.slice == new.slice)] + [new]
         z_range = target.z_range
         if z_range is not None:

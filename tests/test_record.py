@@ -108,7 +108,7 @@ def _report():
     (lambda r: r["settings"]["propagation"].pop("stride"), "settings/propagation"),
     (lambda r: r["input"]["grid"].update(axcodes="XYZ"), "input/grid/axcodes"),
     (lambda r: r.pop("schema_version"), "(top level)"),
-    (lambda r: r.update(schema_version="2.0"), "schema_version"),
+    (lambda r: r.update(schema_version="2.0"), "found '2.0'; use the medsam3d version that wrote it"),
 ])
 def test_a_malformed_report_fails_the_schema(spoil, where):
     report = _report()
@@ -180,3 +180,25 @@ def test_a_text_prompt_through_run_case_is_recorded_as_proposed_and_resolved(tmp
     resolved = report["prompts"]["resolved"]
     assert [r["detector"] for r in resolved] == ["bright-blobs"] * 2 and all(r["score"] > 0.5 for r in resolved)
     assert report["prompts"]["given"]["objects"][0] == {"name": "lesion", "text": "lesion"}
+
+
+def test_an_output_that_would_overwrite_an_input_is_refused(tmp_path):
+    volume, _, prompts = _case()
+    image = m3.save(volume, tmp_path / "image.nii.gz")
+    prompt_file = tmp_path / "p.json"
+    prompt_file.write_text(json.dumps(prompts))
+    for outputs in ({"report": prompt_file}, {"labels": image}):
+        with pytest.raises(m3.VolumeIOError, match="is an input of this case"):
+            m3.run_case(image, prompt_file, model=ThresholdModel(), outputs=outputs)
+    assert json.loads(prompt_file.read_text()) == prompts and m3.load(image).same_grid(volume)
+
+
+def test_an_unknown_engine_option_is_refused_before_any_work(monkeypatch):
+    import medsam3d.models
+
+    monkeypatch.setattr(medsam3d.models, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    volume, _, prompts = _case()
+    with pytest.raises(m3.Medsam3dError, match="expected engine options among .*found 'windw'"):
+        m3.run_case(volume, prompts, windw="lung")
+    with pytest.raises(m3.Medsam3dError, match="found 'measure'"):
+        m3.Session(volume, model=ThresholdModel(), measure=False)

@@ -13,7 +13,7 @@ def _cmd_mesh(args: argparse.Namespace) -> int:
     from ..errors import VolumeIOError
     from ..io import load_labels
     from ..io._atomic import OutputSet, check_output_path, full_suffix
-    from ..mesh import MESH_SUFFIXES, label_mesh, mesh_paths, mesh_properties, write_mesh
+    from ..mesh import MESH_SUFFIXES, write_label_meshes
 
     suffix = full_suffix(args.output)
     if suffix not in MESH_SUFFIXES:
@@ -25,16 +25,13 @@ def _cmd_mesh(args: argparse.Namespace) -> int:
     if not values:
         raise VolumeIOError(f"expected labelled voxels to mesh in {args.labels}, found only background (0); "
                             "check that this is the segmentation, not an empty label map")
-    lines = []
     with OutputSet() as staged:  # every label's file, or none
-        for value, out in mesh_paths(args.output, values).items():
-            poly = label_mesh(labels, value, space=args.space, smooth=args.smooth, decimate=args.decimate)
-            write_mesh(poly, staged.staged(out), label=value)
-            props = mesh_properties(poly)
-            lines.append(f"label {value}: {out} ({props['triangles']} triangles, {props['volume_mm3'] / 1000:.2f} mL "
-                         f"enclosed, {'watertight' if props['watertight'] else 'NOT watertight'}, {args.space})")
+        meshes = write_label_meshes(labels, values, args.output, staged, space=args.space, smooth=args.smooth,
+                                    decimate=args.decimate)
         staged.commit()
-    print("\n".join(lines))
+    for value, (out, props) in meshes.items():
+        print(f"label {value}: {out} ({props['triangles']} triangles, {props['volume_mm3'] / 1000:.2f} mL enclosed, "
+              f"{'watertight' if props['watertight'] else 'NOT watertight'}, {args.space})")
     return 0
 
 

@@ -83,8 +83,13 @@ class OutputSet:
         missing = [tmp for tmp, _ in self._staged if not tmp.exists()]
         if missing:
             raise VolumeIOError(f"expected the writer to create {missing[0]}, found nothing")
-        for tmp, final in self._staged:
-            os.replace(tmp, final)
+        for n, (tmp, final) in enumerate(self._staged):
+            try:
+                os.replace(tmp, final)
+            except OSError as exc:
+                moved = ", ".join(str(f) for _, f in self._staged[:n]) or "none"
+                raise VolumeIOError(f"expected to move {tmp.name} onto {final}, found {exc.strerror or exc}; "
+                                    f"written before the failure: {moved}") from None
         done = [final for _, final in self._staged]
         self._staged = []
         return done

@@ -151,8 +151,8 @@ def alternative_volumes(result: ObjectResult, members: Sequence[Member], keys) -
     alternative segmentations, which the vote settles slice by slice (see :func:`chain_vote`).
 
     A member counts the result's mask on the slices where it abstained and on the prompted slices
-    (they do not vote). The range they span is a spread, not a confidence interval: on most
-    tumours of the benchmark it holds the reference volume, on very short lesions it rarely does.
+    (they do not vote). The range they span is a spread, not a confidence interval: how often it
+    holds the reference volume is a benchmark figure (``range_holds_reference``).
     """
     final = {k: sl.mask for k, sl in result.slices.items()}
     total = sum(int(mask.sum()) for mask in final.values())
