@@ -51,6 +51,12 @@ class SegmentationResult:
     prompts: list[ObjectPrompt] = field(default_factory=list)
 
 
+#: the options of :func:`segment` that :func:`medsam3d.run_case` and :class:`medsam3d.Session` pass on
+#: (the model's own are theirs): one place, checked against the signature by the tests
+ENGINE_OPTIONS = ("window", "modality", "overlap", "keep_largest", "fill_holes", "taper", "zoom", "stride", "config",
+                  "detector")
+
+
 def _zoom_crop(objects: Sequence[ObjectPrompt], shape: tuple[int, int], context: float) -> tuple[int, int, int, int] | None:
     """Region around every prompt box (each side extended by ``context`` x the box size)."""
     boxes = np.array([b.box for o in objects for b in o.boxes], float)

@@ -79,22 +79,18 @@ class CaseOutputs:
         for source in (volume.meta.get("source"), prompts if isinstance(prompts, (str, os.PathLike)) else None):
             if source is not None:
                 inputs.append(Path(source))
-        taken = {_same_file_key(p) for p in inputs if Path(p).is_file()}
+        taken = {_same_file_key(p) for p in inputs} - {None}
         for what, path in (("labels", self.labels), ("report", self.report), ("mesh", self.mesh),
                            ("picture", self.picture)):
-            if path is not None and Path(path).is_file() and _same_file_key(Path(path)) in taken:
+            if path is not None and _same_file_key(Path(path)) in taken - {None}:
                 raise VolumeIOError(f"expected the {what} output to be a new file, found it is an input of this "
                                     f"case ({path}); choose another name")
 
 
 def check_engine_options(options: dict[str, Any]) -> None:
     """Refuse, before any work, an option :func:`medsam3d.segment` does not take (one line, the known ones)."""
-    import inspect
+    from .pipeline import ENGINE_OPTIONS as known
 
-    from .pipeline import segment
-
-    known = [n for n, p in inspect.signature(segment).parameters.items()
-             if p.kind is p.KEYWORD_ONLY and n not in ("model", "model_name", "checkpoint", "device", "progress")]
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise Medsam3dError(f"expected engine options among {', '.join(known)}, found {', '.join(map(repr, unknown))}")
@@ -152,10 +148,10 @@ def run_case(image: Volume | str | os.PathLike, prompts: Any, *, outputs: CaseOu
         volume = load(image, series_uid=series_uid, allow_tilt=allow_tilt, volume_index=volume_index)
     else:
         volume = as_volume(image)
+    objects = prompts_from(prompts, volume)  # checked first: the record's copy below reads a valid file
     outputs.check_not_inputs(volume, prompts)
     if outputs.labels is not None:
         check_output(outputs.labels, reference=volume)  # DICOM SEG needs a DICOM input
-    objects = prompts_from(prompts, volume)  # checked first: the record's copy below reads a valid file
     given = _given_prompts(prompts)
     if model is None:
         model = load_model(model_name, checkpoint=checkpoint, device=device, trust_checkpoint=trust_checkpoint)
@@ -211,9 +207,13 @@ def run_case(image: Volume | str | os.PathLike, prompts: Any, *, outputs: CaseOu
     return record
 
 
-def _same_file_key(path: Path) -> tuple[int, int]:
-    info = path.stat()
-    return info.st_dev, info.st_ino
+def _same_file_key(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of an existing file, or None (no file there, or a path the system refuses)."""
+    try:
+        info = path.stat()
+    except (OSError, ValueError):
+        return None
+    return (info.st_dev, info.st_ino) if path.is_file() else None
 
 
 def _given_prompts(prompts: Any) -> dict[str, Any]:

@@ -202,3 +202,12 @@ def test_an_unknown_engine_option_is_refused_before_any_work(monkeypatch):
         m3.run_case(volume, prompts, windw="lung")
     with pytest.raises(m3.Medsam3dError, match="found 'measure'"):
         m3.Session(volume, model=ThresholdModel(), measure=False)
+
+
+def test_the_engine_options_run_case_passes_on_are_segments_keyword_options():
+    import inspect
+
+    from medsam3d.pipeline import ENGINE_OPTIONS, segment
+
+    keywords = {n for n, p in inspect.signature(segment).parameters.items() if p.kind is p.KEYWORD_ONLY}
+    assert set(ENGINE_OPTIONS) == keywords - {"model", "model_name", "checkpoint", "device", "progress"}
