@@ -27,10 +27,26 @@ from typing import Any
 
 import numpy as np
 
-from .surface import Surface, mask_surface, max_distance
+from .surface import Surface, mask_surface
 from .volume import Volume, reorient
 
 log = logging.getLogger(__name__)
+
+
+def max_distance(points: np.ndarray) -> float:
+    """Largest distance between two points (mm), over their convex hull to stay fast."""
+    points = np.asarray(points, float)
+    if len(points) < 2:
+        return 0.0
+    try:
+        from scipy.spatial import ConvexHull
+
+        hull = points[ConvexHull(points).vertices] if len(points) > points.shape[1] + 1 else points
+    except Exception:  # degenerate (flat) point sets
+        hull = points
+    from scipy.spatial.distance import pdist
+
+    return float(pdist(hull).max()) if len(hull) > 1 else 0.0
 
 
 def border_planes(mask: np.ndarray) -> list[str]:

@@ -378,22 +378,6 @@ def _checked_decimation(surface: Surface, fraction: float, decimator) -> Surface
     return Surface(surface.vertices, surface.faces, surface.space, {**surface.notes, "decimate": 0.0})
 
 
-def max_distance(points: np.ndarray) -> float:
-    """Largest distance between two points (mm), over their convex hull to stay fast."""
-    points = np.asarray(points, float)
-    if len(points) < 2:
-        return 0.0
-    try:
-        from scipy.spatial import ConvexHull
-
-        hull = points[ConvexHull(points).vertices] if len(points) > points.shape[1] + 1 else points
-    except Exception:  # degenerate (flat) point sets
-        hull = points
-    from scipy.spatial.distance import pdist
-
-    return float(pdist(hull).max()) if len(hull) > 1 else 0.0
-
-
 def _signed_volume(vertices: np.ndarray, faces: np.ndarray) -> float:
     return Surface(vertices, faces).signed_volume_mm3
 

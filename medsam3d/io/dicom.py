@@ -22,12 +22,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from ..errors import DicomSeriesError, GeometryError, Medsam3dError, VolumeIOError
 from ..volume import LPS_TO_RAS, Volume
+from .dicom_values import display_window, instance_uid, pixel_array, rescale, vector
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +166,9 @@ def load_dicom(folder: str | Path, series_uid: str | None = None, *, allow_tilt:
                 raise DicomSeriesError(f"expected --volume (volume_index) only with a series of single-frame files "
                                        f"holding several volumes, found an enhanced multi-frame object in {folder}; "
                                        "drop --volume")
-            volume = _load_multiframe(datasets[0], allow_tilt=allow_tilt)
+            from .dicom_multiframe import load_multiframe
+
+            volume = load_multiframe(datasets[0], allow_tilt=allow_tilt)
         else:
             datasets = _one_volume(datasets, volume_index, f"series {series.uid}")
             volume = _load_single_frames(datasets, allow_tilt=allow_tilt)
@@ -213,8 +216,8 @@ def _one_volume(datasets: list, volume_index: int | None, where: str) -> list:
     """The slices of one volume of a series that holds several (the same number of images at each
     slice position), or every slice of a series that holds one; otherwise one line."""
     try:
-        iop = _vec(datasets[0], "ImageOrientationPatient", 6)
-        positions = np.stack([_vec(ds, "ImagePositionPatient", 3) for ds in datasets])
+        iop = vector(datasets[0], "ImageOrientationPatient", 6)
+        positions = np.stack([vector(ds, "ImagePositionPatient", 3) for ds in datasets])
     except Medsam3dError:
         if volume_index is not None:
             raise
@@ -249,52 +252,6 @@ def _one_volume(datasets: list, volume_index: int | None, where: str) -> list:
         raise DicomSeriesError(f"expected --volume within 0..{n - 1} for the {n} volumes of {where}, found "
                                f"{volume_index}")
     return [sorted((datasets[i] for i in group), key=_volume_key)[int(volume_index)] for group in groups]
-
-
-
-def _vec(ds, name: str, n: int) -> np.ndarray:
-    value = getattr(ds, name, None)
-    if value is None or len(value) != n:
-        raise DicomSeriesError(
-            f"expected {name} with {n} values in {getattr(ds, 'filename', 'a slice')}, found {value!r}; "
-            "the series lacks geometry and cannot be placed in patient space"
-        )
-    return np.array([float(v) for v in value], dtype=np.float64)
-
-
-def _pixels(ds) -> np.ndarray:
-    try:
-        return np.asarray(ds.pixel_array)
-    except Exception as exc:  # decoders raise many types
-        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
-        name = getattr(syntax, "name", str(syntax))
-        detail = " ".join(str(exc).split())[:100]
-        if getattr(syntax, "is_compressed", True):
-            hint = "install pylibjpeg, pylibjpeg-openjpeg and pylibjpeg-libjpeg, or check the file is complete"
-        else:  # nothing to decode: the pixel data does not match the header
-            hint = "the file is truncated or its header (rows, columns, bits, frames) is corrupt: re-export it"
-        raise VolumeIOError(
-            f"expected decodable pixel data in {getattr(ds, 'filename', 'a DICOM file')}, found transfer syntax "
-            f"'{name}' that could not be decoded ({type(exc).__name__}: {detail}); {hint}"
-        ) from None
-
-
-def _rescale(pixels: np.ndarray, slopes: Sequence[float], intercepts: Sequence[float]) -> np.ndarray:
-    """Apply per-slice rescale; keep integers when the result is integral."""
-    slopes = np.asarray(slopes, dtype=np.float64)
-    intercepts = np.asarray(intercepts, dtype=np.float64)
-    integral = np.all(slopes == np.round(slopes)) and np.all(intercepts == np.round(intercepts))
-    if np.all(slopes == 1) and np.all(intercepts == 0):
-        out = pixels
-    else:
-        out = pixels.astype(np.float64) * slopes[None, None, :] + intercepts[None, None, :]
-    if integral and np.issubdtype(pixels.dtype, np.integer):
-        lo, hi = (float(out.min()), float(out.max())) if out.size else (0.0, 0.0)
-        for dtype in (np.int16, np.int32):
-            if np.iinfo(dtype).min <= lo and hi <= np.iinfo(dtype).max:
-                return out.astype(dtype)
-        return out.astype(np.int64)
-    return out.astype(np.float32)
 
 
 def _stack_geometry(
@@ -348,9 +305,9 @@ def _stack_geometry(
 def _load_single_frames(datasets: list, *, allow_tilt: bool) -> Volume:
     first = datasets[0]
     where = f"series {getattr(first, 'SeriesInstanceUID', '?')}"
-    iop = _vec(first, "ImageOrientationPatient", 6)
+    iop = vector(first, "ImageOrientationPatient", 6)
     for ds in datasets[1:]:
-        other = _vec(ds, "ImageOrientationPatient", 6)
+        other = vector(ds, "ImageOrientationPatient", 6)
         if not np.allclose(other, iop, atol=1e-4):
             raise GeometryError(
                 f"expected one slice orientation in {where}, found {iop.round(4).tolist()} and "
@@ -361,95 +318,24 @@ def _load_single_frames(datasets: list, *, allow_tilt: bool) -> Volume:
                 f"expected every slice of {where} to be {first.Columns}x{first.Rows}, found {ds.Columns}x{ds.Rows}"
             )
     row_cos, col_cos = iop[:3], iop[3:]
-    positions = np.stack([_vec(ds, "ImagePositionPatient", 3) for ds in datasets])
-    spacing = _vec(first, "PixelSpacing", 2)
+    positions = np.stack([vector(ds, "ImagePositionPatient", 3) for ds in datasets])
+    spacing = vector(first, "PixelSpacing", 2)
     thickness = float(getattr(first, "SpacingBetweenSlices", 0) or getattr(first, "SliceThickness", 0) or 1.0)
     order, affine = _stack_geometry(
         positions, row_cos, col_cos, spacing, thickness=thickness, allow_tilt=allow_tilt, where=where
     )
     datasets = [datasets[i] for i in order]
-    pixels = np.stack([_pixels(ds) for ds in datasets], axis=-1)  # (rows, cols, k)
+    pixels = np.stack([pixel_array(ds) for ds in datasets], axis=-1)  # (rows, cols, k)
     if pixels.ndim != 3:
         raise VolumeIOError(f"expected grey-level slices in {where}, found pixel arrays of shape {pixels.shape[:-1]}")
     slopes = [float(getattr(ds, "RescaleSlope", 1) or 1) for ds in datasets]
     intercepts = [float(getattr(ds, "RescaleIntercept", 0) or 0) for ds in datasets]
-    array = _rescale(pixels, slopes, intercepts).transpose(1, 0, 2)  # (i=col, j=row, k)
+    array = rescale(pixels, slopes, intercepts).transpose(1, 0, 2)  # (i=col, j=row, k)
     meta = {
         "dicom_files": [str(ds.filename) for ds in datasets],
         "sop_instance_uids": [instance_uid(ds) for ds in datasets],
         "rescale": {"slope": slopes[0], "intercept": intercepts[0], "per_slice": len(set(slopes)) > 1 or len(set(intercepts)) > 1},
-        "window": _window(first),
+        "window": display_window(first),
         "slice_thickness": float(getattr(first, "SliceThickness", 0) or 0) or None,
-    }
-    return Volume(np.ascontiguousarray(array), affine, meta)
-
-
-def instance_uid(ds, key: str = "SOPInstanceUID") -> str:
-    """``SOPInstanceUID`` (or ``SOPClassUID``), from the file meta where the data set leaves it empty."""
-    value = str(getattr(ds, key, "") or "")
-    meta = getattr(ds, "file_meta", None)
-    if value or meta is None:
-        return value
-    return str(getattr(meta, "MediaStorage" + key, "") or "")
-
-
-def _window(ds) -> dict[str, float] | None:
-    try:
-        center, width = ds.WindowCenter, ds.WindowWidth
-    except AttributeError:
-        return None
-    first = lambda v: float(v[0]) if hasattr(v, "__len__") and not isinstance(v, str) else float(v)  # noqa: E731
-    return {"center": first(center), "width": first(width)}
-
-
-# ---------------------------------------------------------------------- enhanced multi-frame
-def _group(frame, shared, sequence: str, attr: str):
-    for source in (frame, shared):
-        if source is not None and sequence in source:
-            item = getattr(source, sequence)[0]
-            if attr in item:
-                return getattr(item, attr)
-    return None
-
-
-def _load_multiframe(ds, *, allow_tilt: bool) -> Volume:
-    where = f"multi-frame object {getattr(ds, 'SOPInstanceUID', '?')}"
-    frames = list(getattr(ds, "PerFrameFunctionalGroupsSequence", []))
-    shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else None
-    n = int(ds.NumberOfFrames)
-    if len(frames) != n:
-        raise VolumeIOError(f"expected {n} per-frame functional groups in {where}, found {len(frames)}")
-    positions, orientations, slopes, intercepts = [], [], [], []
-    spacing = None
-    for frame in frames:
-        pos = _group(frame, shared, "PlanePositionSequence", "ImagePositionPatient")
-        iop = _group(frame, shared, "PlaneOrientationSequence", "ImageOrientationPatient")
-        ps = _group(frame, shared, "PixelMeasuresSequence", "PixelSpacing")
-        if pos is None or iop is None or ps is None:
-            raise GeometryError(f"expected plane position, orientation and pixel spacing for every frame of {where}")
-        positions.append([float(v) for v in pos])
-        orientations.append([float(v) for v in iop])
-        spacing = np.array([float(v) for v in ps])
-        slopes.append(float(_group(frame, shared, "PixelValueTransformationSequence", "RescaleSlope") or 1))
-        intercepts.append(float(_group(frame, shared, "PixelValueTransformationSequence", "RescaleIntercept") or 0))
-    orientations_arr = np.array(orientations)
-    if not np.allclose(orientations_arr, orientations_arr[0], atol=1e-4):
-        raise GeometryError(f"expected one frame orientation in {where}, found several; split the object by stack")
-    thickness = float(_group(frames[0], shared, "PixelMeasuresSequence", "SliceThickness") or 1.0)
-    order, affine = _stack_geometry(
-        np.array(positions), orientations_arr[0, :3], orientations_arr[0, 3:], spacing,
-        thickness=thickness, allow_tilt=allow_tilt, where=where,
-    )
-    pixels = _pixels(ds)  # (frames, rows, cols)
-    if pixels.ndim != 3:
-        raise VolumeIOError(f"expected grey-level frames in {where}, found pixel data of shape {pixels.shape}")
-    pixels = pixels[order].transpose(1, 2, 0)  # (rows, cols, k)
-    array = _rescale(pixels, [slopes[i] for i in order], [intercepts[i] for i in order]).transpose(1, 0, 2)
-    meta = {
-        "dicom_files": [str(ds.filename)],
-        "frame_order": order.tolist(),
-        "sop_instance_uids": [instance_uid(ds)],
-        "rescale": {"slope": slopes[0], "intercept": intercepts[0]},
-        "window": None,
     }
     return Volume(np.ascontiguousarray(array), affine, meta)

@@ -97,7 +97,7 @@ def check_seg_source(reference: Volume | None) -> list:
 def _source_datasets(reference: Volume):
     import pydicom
 
-    from .dicom import instance_uid
+    from .dicom_values import instance_uid
 
     sources = []
     for f in check_seg_source(reference):
