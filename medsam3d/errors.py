@@ -28,6 +28,11 @@ class PromptError(Medsam3dError, ValueError):
     """A prompt (box, slice, ROI, prompt file) is invalid for the volume it targets."""
 
 
+class FollowUpError(Medsam3dError, ValueError):
+    """Studies cannot be followed over time: a transferred object lands outside the target image,
+    or the studies of a patient cannot be put in order."""
+
+
 class ModelError(Medsam3dError, RuntimeError):
     """A model or checkpoint cannot be loaded, or the device is unavailable."""
 
@@ -57,3 +62,11 @@ def require(module: str, feature: str, *, extra: str | None = None):
 
 class DetectorError(ModelError):
     """A text-prompt detector cannot be loaded, or gave an answer that is not a detection."""
+
+
+class ManifestError(Medsam3dError, ValueError):
+    """A batch manifest cannot be run as written (a missing column, a duplicate case, a bad cell): nothing ran."""
+
+
+class BatchError(Medsam3dError):
+    """A batch cannot start: a bad option, or an output folder in use or not writable: nothing ran."""

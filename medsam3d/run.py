@@ -32,22 +32,27 @@ class CaseOutputs:
     ``labels``: the label map (``.nii.gz``, ``.nrrd``, ``.seg.nrrd``, ``.dcm`` DICOM SEG);
     ``report``: the record as JSON; ``mesh``: one surface per object (``.stl``, ``.obj``,
     ``.ply``, ``.vtp``; with several objects, ``NAME_label<N>.ext``); ``picture``: a PNG of
-    the surfaces.
+    the surfaces; ``rtstruct``: the objects' contours as a DICOM RTSTRUCT (``.dcm``, a DICOM
+    input); ``sr``: the measurements as a DICOM SR (TID 1500, ``.dcm``) referencing the DICOM
+    SEG written as ``labels``.
     """
 
     labels: str | os.PathLike | None = None
     report: str | os.PathLike | None = None
     mesh: str | os.PathLike | None = None
     picture: str | os.PathLike | None = None
+    rtstruct: str | os.PathLike | None = None
+    sr: str | os.PathLike | None = None
 
     @classmethod
     def of(cls, value: "CaseOutputs | dict[str, Any] | None") -> "CaseOutputs":
         if value is None or isinstance(value, cls):
             return value or cls()
         if isinstance(value, dict):
-            unknown = set(value) - {"labels", "report", "mesh", "picture"}
+            unknown = set(value) - {"labels", "report", "mesh", "picture", "rtstruct", "sr"}
             if unknown:
-                raise Medsam3dError(f"expected outputs among labels, report, mesh, picture, found {sorted(unknown)}")
+                raise Medsam3dError(f"expected outputs among labels, report, mesh, picture, rtstruct, sr, found "
+                                    f"{sorted(unknown)}")
             return cls(**value)
         raise Medsam3dError(f"expected outputs as a dict or CaseOutputs, found {type(value).__name__}")
 
@@ -72,6 +77,40 @@ class CaseOutputs:
             if full_suffix(self.picture) != ".png":
                 raise VolumeIOError(f"expected a picture path ending in .png, found '{Path(self.picture).name}'")
             check_output_path(self.picture)
+        for what, path, option in (("RTSTRUCT", self.rtstruct, "--rtstruct"), ("DICOM SR", self.sr, "--sr")):
+            if path is not None:
+                if full_suffix(path) != ".dcm":
+                    raise VolumeIOError(f"expected the {what} path ({option}) to end in .dcm, found "
+                                        f"'{Path(path).name}'")
+                check_output_path(path)
+        if self.sr is not None and (self.labels is None or full_suffix(self.labels) != ".dcm"):
+            found = f"'{Path(self.labels).name}'" if self.labels is not None else "none"
+            raise VolumeIOError(f"expected the labels output as a DICOM SEG (.dcm) for the DICOM SR (--sr), which "
+                                f"references its segments, found {found}; write the labels as .dcm (-o NAME.dcm) "
+                                "from a DICOM input, or drop --sr")
+        dicom = [(what, _same_path(path)) for what, path in (("labels", self.labels), ("rtstruct", self.rtstruct),
+                                                             ("sr", self.sr)) if path is not None]
+        for n, (what, key) in enumerate(dicom):
+            for other, other_key in dicom[n + 1:]:
+                if key == other_key:
+                    raise VolumeIOError(f"expected the {what} and {other} outputs to be different files, found both "
+                                        f"at {key}; give each its own name")
+
+    def check_source(self, volume: Volume) -> None:
+        """Refuse, before the model loads, DICOM outputs an input cannot have (one line each; the SR and
+        RTSTRUCT first, whose remedy is to drop them, then the label map's)."""
+        if self.sr is not None:
+            from .io.dicomsr import check_sr_source
+
+            check_sr_source(volume)
+        if self.rtstruct is not None:
+            from .io.rtstruct_write import check_rtstruct_source
+
+            check_rtstruct_source(volume)
+        if self.labels is not None:
+            from .io import check_output
+
+            check_output(self.labels, reference=volume)  # DICOM SEG needs a DICOM input
 
     def check_not_inputs(self, volume: Volume, prompts: Any) -> None:
         """Refuse an output that would overwrite the image or the prompt file it is made from."""
@@ -81,7 +120,7 @@ class CaseOutputs:
                 inputs.append(Path(source))
         taken = {_same_file_key(p) for p in inputs} - {None}
         for what, path in (("labels", self.labels), ("report", self.report), ("mesh", self.mesh),
-                           ("picture", self.picture)):
+                           ("picture", self.picture), ("rtstruct", self.rtstruct), ("sr", self.sr)):
             if path is not None and _same_file_key(Path(path)) in taken - {None}:
                 raise VolumeIOError(f"expected the {what} output to be a new file, found it is an input of this "
                                     f"case ({path}); choose another name")
@@ -113,10 +152,12 @@ def run_case(image: Volume | str | os.PathLike, prompts: Any, *, outputs: CaseOu
         As :func:`medsam3d.segment` takes them (see :mod:`medsam3d.prompts`). The record keeps
         them as given and as resolved to voxel boxes.
     outputs : CaseOutputs or dict, optional
-        ``labels``, ``report``, ``mesh``, ``picture`` paths. All are checked before the model
-        loads and committed together at the end.
+        ``labels``, ``report``, ``mesh``, ``picture``, ``rtstruct``, ``sr`` paths. All are
+        checked before the model loads and committed together at the end. The record's
+        ``outputs`` names them (``rtstruct`` and ``sr`` only when asked for).
     measure : bool
-        Add each object's measurements (:func:`medsam3d.measure`, per lesion) to the record.
+        Add each object's measurements (:func:`medsam3d.measure`, per lesion) to the record
+        (implied by ``outputs.sr``: the SR holds them).
     mesh : bool
         Build each object's surface and record its properties (implied by ``outputs.mesh``).
     model : SliceModel, optional
@@ -132,7 +173,7 @@ def run_case(image: Volume | str | os.PathLike, prompts: Any, *, outputs: CaseOu
         The engine's options (:func:`medsam3d.segment`): ``window``, ``modality``, ``overlap``,
         ``taper``, ``zoom``, ``stride``, ``config``, ``detector``...
     """
-    from .io import as_volume, check_output, load
+    from .io import as_volume, load
     from .io._atomic import OutputSet
     from .models import load_model, set_threads
     from .pipeline import segment
@@ -150,8 +191,8 @@ def run_case(image: Volume | str | os.PathLike, prompts: Any, *, outputs: CaseOu
         volume = as_volume(image)
     objects = prompts_from(prompts, volume)  # checked first: the record's copy below reads a valid file
     outputs.check_not_inputs(volume, prompts)
-    if outputs.labels is not None:
-        check_output(outputs.labels, reference=volume)  # DICOM SEG needs a DICOM input
+    outputs.check_source(volume)  # DICOM SEG, RTSTRUCT and SR need a DICOM input
+    measure = measure or outputs.sr is not None
     given = _given_prompts(prompts)
     if model is None:
         model = load_model(model_name, checkpoint=checkpoint, device=device, trust_checkpoint=trust_checkpoint)
@@ -189,8 +230,20 @@ def run_case(image: Volume | str | os.PathLike, prompts: Any, *, outputs: CaseOu
         if outputs.labels is not None:
             from .io import save
 
-            save(result.labels, staged.staged(outputs.labels), reference=volume)
+            labels_file = staged.staged(outputs.labels)
+            save(result.labels, labels_file, reference=volume)
             record.outputs["labels"] = str(outputs.labels)
+        if outputs.rtstruct is not None:
+            from .io.rtstruct_write import write_rtstruct
+
+            write_rtstruct(result.labels, staged.staged(outputs.rtstruct), reference=volume)
+            record.outputs["rtstruct"] = str(outputs.rtstruct)
+        if outputs.sr is not None:
+            from .io.dicomsr import write_measurement_sr
+
+            write_measurement_sr(result.labels, staged.staged(outputs.sr), seg=labels_file, reference=volume,
+                                 measurements=rows)
+            record.outputs["sr"] = str(outputs.sr)
         record.outputs["report"] = str(outputs.report) if outputs.report is not None else None
         end = time.perf_counter()
         record.timings = {"load_s": t_load - t0, "segment_s": t_seg - t_load, "measure_s": t_measure - t_seg,
@@ -205,6 +258,11 @@ def run_case(image: Volume | str | os.PathLike, prompts: Any, *, outputs: CaseOu
             log.info("object %r (label %d) reaches the image border (%s): if it goes on beyond the image, its "
                      "volume (%.2f mL) is a lower bound", obj.name, obj.label, ", ".join(obj.border_planes), obj.volume_ml)
     return record
+
+
+def _same_path(path: str | os.PathLike) -> Path:
+    """An output path made absolute without following links, to compare two outputs' names."""
+    return Path(os.path.abspath(path))
 
 
 def _same_file_key(path: Path) -> tuple[int, int] | None:

@@ -14,6 +14,7 @@ from typing import Sequence
 
 from ..errors import Medsam3dError
 from ._common import _fail, _non_negative_float, _non_negative_int, _one_line, _positive_int
+from .batch import _cmd_batch, _cmd_batch_plan
 from .inspect import _cmd_info, _cmd_measure
 from .segment import _cmd_segment
 from .surfaces import _cmd_mesh, _cmd_render
@@ -58,6 +59,9 @@ def _get_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", dest="report", type=Path, help="write the case record (JSON, see the report schema) here")
     p.add_argument("--mesh", type=Path, help="write each object's surface (RAS mm): .stl, .obj, .ply or .vtp")
     p.add_argument("--picture", type=Path, help="write a PNG of the surfaces")
+    p.add_argument("--rtstruct", type=Path, help="write the contours as a DICOM RTSTRUCT (.dcm; a DICOM input)")
+    p.add_argument("--sr", type=Path, help="write the measurements as a DICOM SR (TID 1500, .dcm) referencing the "
+                                         "DICOM SEG of -o NAME.dcm (a DICOM input)")
     p.add_argument("--case-id", help="an identifier recorded in the report")
     p.add_argument("--model", default="litemedsam", help="litemedsam (default, bundled), medsam, sam-vit-b/l/h")
     p.add_argument("--checkpoint", type=Path, help="weights file (required for medsam and sam-*)")
@@ -96,6 +100,39 @@ def _get_parser() -> argparse.ArgumentParser:
     p.add_argument("--measure", action="store_true", help="add shape measurements to the report")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_segment)
+
+    p = sub.add_parser("batch", help="segment and measure every study of a manifest; follow-up and report",
+                       description="Exit codes: 0 all done, 2 nothing run (bad manifest or options), "
+                                   "3 finished with failed studies.")
+    p.add_argument("manifest", type=Path, help="CSV or JSON: case_id, patient_id, timepoint, image, prompts, ...")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output folder (results.sqlite, report.html, "
+                                                                     "a folder per study)")
+    p.add_argument("--engine", choices=["local", "ray"], default="local", help="where the studies run")
+    p.add_argument("--workers", type=_positive_int, default=1, metavar="N", help="worker processes or Ray actors")
+    p.add_argument("--ray-address", metavar="ADDR", help="a running Ray cluster (default: start a local one)")
+    p.add_argument("--force", action="store_true", help="recompute studies whose results are current")
+    p.add_argument("--retry-failed", action="store_true", help="run again the studies that failed")
+    p.add_argument("--model", default="litemedsam", help="litemedsam (default, bundled), medsam, sam-vit-b/l/h")
+    p.add_argument("--checkpoint", type=Path, help="weights file (required for medsam and sam-*)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--threads", type=_positive_int, metavar="N", help="CPU threads per worker")
+    p.add_argument("--rtstruct", action="store_true", help="also write an RTSTRUCT for DICOM studies")
+    p.add_argument("--no-register", action="store_true",
+                   help="match lesions and transfer prompts in patient coordinates, without rigid registration")
+    p.add_argument("--pseudonymise", action="store_true",
+                   help="replace patient names and identifiers in report.html, results.csv and results.json")
+    p.add_argument("--fast", action="store_true", help="the engine's speed preset (see segment --fast)")
+    p.add_argument("--no-zoom", action="store_true", help="encode whole slices (see segment --no-zoom)")
+    p.add_argument("--stride", type=_positive_int, metavar="N", help="see segment --stride")
+    p.add_argument("--taper", type=_non_negative_float, default=2.0, metavar="POWER", help="see segment --taper")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_batch)
+
+    p = sub.add_parser("batch-plan", help="write a batch manifest from a folder of DICOM files (a PACS export)")
+    p.add_argument("root", type=Path, help="the folder to walk (any depth)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="the manifest to write (.csv)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing manifest (its prompts may be filled in)")
+    p.set_defaults(func=_cmd_batch_plan)
 
     p = sub.add_parser("mesh", help="surface mesh of a label map in patient coordinates")
     p.add_argument("labels", type=Path, help="label map (NIfTI/NRRD/.seg.nrrd, or DICOM SEG/RTSTRUCT with --image)")

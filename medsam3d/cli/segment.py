@@ -39,7 +39,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     try:
         record = run_case(
             args.input, prompts, outputs={"labels": args.output, "report": args.report, "mesh": args.mesh,
-                                          "picture": args.picture},
+                                          "picture": args.picture, "rtstruct": args.rtstruct, "sr": args.sr},
             measure=args.measure, model_name=args.model, checkpoint=args.checkpoint, device=args.device,
             trust_checkpoint=args.trust_checkpoint, threads=args.threads, series_uid=args.series_uid,
             allow_tilt=args.allow_tilt, volume_index=args.volume_index, case_id=args.case_id, progress=progress,
@@ -61,8 +61,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         spread = f" ({obj.alternatives} alternatives: {spread[0]:.2f}-{spread[1]:.2f} mL)" if spread else ""
         print(f"{obj.name} (label {obj.label}): {obj.volume_ml:.2f} mL{spread}, {obj.voxels} voxels, "
               f"{extent}{border}")
-    written = [p for p in (record.outputs["labels"], record.outputs["report"]) if p] + \
-        record.outputs["meshes"] + record.outputs["pictures"]
+    written = [p for p in (record.outputs["labels"], record.outputs.get("rtstruct"), record.outputs.get("sr"),
+                           record.outputs["report"]) if p] + record.outputs["meshes"] + record.outputs["pictures"]
     print(f"wrote {', '.join(written)} in {record.timings['total_s']:.1f} s ({record.encoded['slices']} slices "
           f"encoded, {record.model['name']} on {record.model['device']})")
     return 0

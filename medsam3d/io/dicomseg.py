@@ -70,37 +70,73 @@ def segment_codes(name: str):
     return abnormal, codes.SCT.Neoplasm, None
 
 
-def check_seg_source(reference: Volume | None) -> list:
-    """The source series' files of a DICOM SEG, or one line saying why ``reference`` cannot be one."""
+def check_seg_source(reference: Volume | None, *, output: str = "DICOM SEG",
+                     instead: str = "write .seg.nrrd or .nii.gz instead") -> list:
+    """The source series' files of a DICOM output (SEG, and the SR and RTSTRUCT that share this check),
+    or one line saying why ``reference`` cannot be one; ``output`` names the output and ``instead`` the
+    remedy in that line."""
     if reference is None:
-        raise VolumeIOError("expected the source DICOM series as reference for DICOM SEG output, found none")
+        raise VolumeIOError(f"expected the source DICOM series as reference for {output} output, found none")
     files = reference.meta.get("dicom_files")
     if not files or reference.meta.get("format") != "dicom":
         raise VolumeIOError(
-            "expected a DICOM source series for DICOM SEG output, found a "
-            f"{reference.meta.get('format', 'non-DICOM')} image; write .nii.gz, .nrrd or .seg.nrrd instead"
+            f"expected a DICOM source series for {output} output, found a "
+            f"{reference.meta.get('format', 'non-DICOM')} image; {instead}"
         )
     if len(files) == 1 and reference.meta.get("frame_order"):
-        raise VolumeIOError("DICOM SEG output for enhanced multi-frame sources is not supported yet; write .seg.nrrd")
+        raise VolumeIOError(f"{output} output for enhanced multi-frame sources is not supported yet; {instead}")
     meta = reference.meta
     missing = [key for key, name in (("StudyInstanceUID", "study_uid"), ("SeriesInstanceUID", "series_uid"),
                                      ("FrameOfReferenceUID", "frame_of_reference_uid")) if not meta.get(name)]
     if "" in meta.get("sop_instance_uids", ()):
         missing.append("SOPInstanceUID")
     if missing:
-        raise VolumeIOError(f"expected the source series' {', '.join(missing)} for DICOM SEG output (a SEG "
-                            "references them), found them empty or absent (an anonymised series?); "
-                            "write .seg.nrrd or .nii.gz instead")
+        raise VolumeIOError(f"expected the source series' {', '.join(missing)} for {output} output (it "
+                            "references them), found them empty or absent (an anonymised series?); " + instead)
     return files
 
 
-def _source_datasets(reference: Volume):
+#: the longest value of the string VRs a derived object copies from its source (PS3.5 Table 6.2-1)
+_MAX_LENGTH = {"SH": 16, "LO": 64, "PN": 64, "ST": 1024, "LT": 10240}
+
+
+def fit_value_lengths(dataset) -> None:
+    """Cut the top-level string values longer than their VR allows (a Study ID of 17 characters, an
+    SH of 16 at most, copied from a source that breaks the rule), so that the derived object is valid
+    DICOM; each cut is logged."""
+    for element in dataset:
+        if element.VR in _MAX_LENGTH and not element.is_empty:
+            cut = fitted_value(element.keyword, element.value, element.VR)
+            if cut is not element.value:
+                element.value = cut
+
+
+def fitted_value(keyword: str, value, vr: str | None = None):
+    """``value`` of attribute ``keyword`` cut to its VR's longest (see :func:`fit_value_lengths`); the
+    value itself when it fits or is not a string."""
+    from pydicom.datadict import dictionary_VR
+    from pydicom.multival import MultiValue
+
+    limit = _MAX_LENGTH.get(vr or dictionary_VR(keyword))
+    several = isinstance(value, (list, tuple, MultiValue))
+    values = list(value) if several else [value]
+    if limit is None or all(v is None or len(str(v)) <= limit for v in values):
+        return value
+    cut = [v if v is None or len(str(v)) <= limit else str(v)[:limit] for v in values]
+    log.info("%s: %r is longer than its VR allows (%d characters); cut to %r", keyword, str(value), limit,
+             cut if len(cut) > 1 else cut[0])
+    return cut if several else cut[0]
+
+
+def _source_datasets(reference: Volume, **check):
+    """The source series' headers (no pixels), repaired where a derived object copies from them;
+    ``check``: :func:`check_seg_source`'s ``output`` and ``instead``."""
     import pydicom
 
     from .dicom_values import instance_uid
 
     sources = []
-    for f in check_seg_source(reference):
+    for f in check_seg_source(reference, **check):
         ds = pydicom.dcmread(f, stop_before_pixels=True)
         for key in ("SOPClassUID", "SOPInstanceUID"):  # some anonymisers keep them in the file meta only
             if not getattr(ds, key, ""):
@@ -160,6 +196,7 @@ def write_dicom_seg(labels: Volume, path: str | Path, reference: Volume, *, algo
                             f"({type(exc).__name__}: {exc}); write .seg.nrrd or .nii.gz instead") from None
     for warning in caught:
         log.info("DICOM SEG: %s", str(warning.message).split(". ")[0])
+    fit_value_lengths(seg)
     with atomic_path(path) as tmp:
         seg.save_as(str(tmp))
     log.info("wrote DICOM SEG %s (%d segments)", path, len(descriptions))

@@ -38,6 +38,7 @@ A 3D Slicer markups file (``.mrk.json``) is read too: each ROI in it is one obje
 from __future__ import annotations
 
 from .files import MAX_PROMPT_FILE_BYTES, load_prompts, prompts_from
+from .from_labels import prompts_from_labels
 from .markups import markups_to_entries
 from .options import parse_box_option, parse_box_ras_option
 from .parse import VERSIONS, parse_prompts
@@ -46,4 +47,4 @@ from .types import MAX_LABEL, BoxPrompt, ObjectPrompt
 
 __all__ = ["MAX_LABEL", "MAX_PROMPT_FILE_BYTES", "VERSIONS", "BoxPrompt", "ObjectPrompt", "box_from_ras",
            "box_from_ras_corners", "load_prompts", "markups_to_entries", "parse_box_option", "parse_box_ras_option",
-           "parse_prompts", "prompts_from"]
+           "parse_prompts", "prompts_from", "prompts_from_labels"]

@@ -1,0 +1,16 @@
+"""Batch volumetry: a manifest of studies -> a folder per study, a results database, follow-up, a report.
+
+* :mod:`.manifest`: the manifest (:func:`read_manifest`, :class:`Study`) and each study's prompts;
+* :mod:`.plan`: a manifest from a folder of DICOM files (:func:`plan_manifest`);
+* :mod:`.runner`: :func:`run_batch`, the engines (local processes, Ray actors) and the exports;
+* :mod:`.worker`: one study as a worker runs it;
+* :mod:`.store`: the SQLite results database;
+* :mod:`.html` and :mod:`.privacy`: ``report.html`` and pseudonymisation.
+"""
+
+from .manifest import PromptSource, Study, read_manifest, study_prompts
+from .plan import plan_manifest
+from .runner import EXIT_FAILED_STUDIES, BatchError, BatchSummary, run_batch
+
+__all__ = ["EXIT_FAILED_STUDIES", "BatchError", "BatchSummary", "PromptSource", "Study", "plan_manifest",
+           "read_manifest", "run_batch", "study_prompts"]
