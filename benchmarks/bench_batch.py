@@ -69,7 +69,9 @@ def _children_peak_mb() -> float:
 
 def _run(command: list[str]) -> float:
     t0 = time.perf_counter()
-    subprocess.run(command, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(command, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(command[2:4])} failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
     return time.perf_counter() - t0
 
 
@@ -96,7 +98,7 @@ def main(argv=None) -> int:
             for case in args.cases:
                 image, mask = CASES[case]
                 prompt = _prompt_file(args.data / mask, tmp / f"{case}.json")
-                writer.writerow([case, case.split("-")[0], case.split("-")[1], str(args.data / image), str(prompt)])
+                writer.writerow([case, case, "1", str(args.data / image), str(prompt)])
         n = len(args.cases)
         print(f"{n} studies ({', '.join(args.cases)}); per configuration: wall s, studies/h, worker peak MB, Dice",
               flush=True)

@@ -35,18 +35,26 @@ DICOM_CT = SHARED / "ibsi_sts_041" / "dicom" / "CT"
 FAST = {"fast": True}
 
 
-def _moved_copy(src: Path, dst: Path, *, degrees: float, shift_mm: tuple[float, float, float]) -> None:
-    """The image moved rigidly (a rotation about the superior axis through its centre and a shift)."""
+MOTION = {"degrees": 4.0, "shift_mm": (5.0, -4.0, 3.0)}
+
+
+def _motion(image):
+    """A rotation about the superior axis through the image's centre and a shift (ITK's LPS mm)."""
+    import SimpleITK as sitk
+
+    transform = sitk.Euler3DTransform()
+    transform.SetCenter(image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()]))
+    transform.SetRotation(0.0, 0.0, np.deg2rad(MOTION["degrees"]))
+    transform.SetTranslation(MOTION["shift_mm"])
+    return transform
+
+
+def _moved_copy(src: Path, dst: Path) -> None:
+    """The image moved rigidly by :data:`MOTION` (the patient moved between two scans)."""
     import SimpleITK as sitk
 
     image = sitk.ReadImage(str(src))
-    transform = sitk.Euler3DTransform()
-    centre = image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()])
-    transform.SetCenter(centre)
-    transform.SetRotation(0.0, 0.0, np.deg2rad(degrees))
-    transform.SetTranslation(shift_mm)
-    moved = sitk.Resample(image, image, transform, sitk.sitkLinear, -1024.0)
-    sitk.WriteImage(moved, str(dst))
+    sitk.WriteImage(sitk.Resample(image, image, _motion(image), sitk.sitkLinear, -1024.0), str(dst))
 
 
 def _write_manifest(path: Path, rows: list[dict[str, str]]) -> Path:
@@ -64,7 +72,7 @@ def manifest(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("manifest")
     shutil.copy(EXAMPLE / "CT_image.nii.gz", root / "baseline.nii.gz")
     shutil.copy(EXAMPLE / "prompts.json", root / "prompts.json")
-    _moved_copy(EXAMPLE / "CT_image.nii.gz", root / "followup.nii.gz", degrees=4.0, shift_mm=(5.0, -4.0, 3.0))
+    _moved_copy(EXAMPLE / "CT_image.nii.gz", root / "followup.nii.gz")
     (root / "broken.json").write_text('{"version": 1, "objects": [')
     (root / "notes.nii.gz").write_text("this is no image")
     rows = [
@@ -142,9 +150,17 @@ def test_prompt_transfer_and_follow_up(local_run):
     (track,) = patient["lesions"]
     assert [p["status"] for p in track["by_timepoint"]] == ["baseline", "present"]
     assert patient["prompts_transferred"] is True
-    assert patient["response"][1]["recist"] in ("SD", "PR", "PD")
+    assert patient["response"][1]["recist"] == "SD"
     registration = patient["registration"][-1]
     assert registration["method"] == "rigid"
+    # the follow-up's segmentation, from transferred prompts, against the baseline's moved the known way
+    import SimpleITK as sitk
+
+    baseline = sitk.ReadImage(str(outdir / "P1_t0" / "labels.nii.gz"))
+    expected = sitk.GetArrayFromImage(sitk.Resample(baseline, baseline, _motion(baseline), sitk.sitkNearestNeighbor))
+    found = sitk.GetArrayFromImage(sitk.ReadImage(str(outdir / "P1_t1" / "labels.nii.gz")))
+    dice = 2 * np.sum((expected > 0) & (found > 0)) / (np.sum(expected > 0) + np.sum(found > 0))
+    assert dice > 0.85, dice
 
 
 def test_results_csv_and_metadata(local_run):
@@ -166,6 +182,7 @@ def test_rerun_skips_unchanged_and_retries_failed_on_request(local_run, manifest
     db = sqlite3.connect(outdir / "results.sqlite")
     assert db.execute("SELECT COUNT(*) FROM failures WHERE case_id = 'P2_missing'").fetchone()[0] == 2
     assert db.execute("SELECT COUNT(*) FROM studies").fetchone()[0] == summary.total
+    assert db.execute("SELECT COUNT(*) FROM registrations").fetchone()[0] == 1  # P1_t1 onto P1_t0, kept
 
 
 def test_bad_manifest_is_refused_before_anything_runs(tmp_path):
@@ -234,14 +251,35 @@ def test_ray_engine_gives_the_local_results(manifest, local_run, tmp_path):
         [(s["case_id"], s["status"]) for s in local["studies"]]
 
 
+def _children(pid: int) -> set[int]:
+    found = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found |= {int(c) for c in (task / "children").read_text().split()}
+        except OSError:
+            pass
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("State"))
+    except (OSError, StopIteration):
+        return False
+    return "Z" not in state.split()[1]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc to find the worker processes")
 def test_a_killed_batch_resumes_without_loss_or_duplicates(tmp_path):
+    """Two worker processes; the driver alone gets SIGKILL, as the OOM killer would send it."""
     rows = [{"case_id": f"K{n}", "patient_id": f"K{n}", "timepoint": "1", "image": str(EXAMPLE / "CT_image.nii.gz"),
              "prompts": str(EXAMPLE / "prompts.json")} for n in range(3)]
     path = _write_manifest(tmp_path / "kill.csv", rows)
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "medsam3d", "batch", str(path), "-o", str(out), "--fast", "--no-progress"]
+    command = [sys.executable, "-m", "medsam3d", "batch", str(path), "-o", str(out), "--fast", "--no-progress",
+               "--workers", "2"]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + 900
     done = 0
     while time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.5)
@@ -254,8 +292,14 @@ def test_a_killed_batch_resumes_without_loss_or_duplicates(tmp_path):
             if done >= 1:
                 break
     assert proc.poll() is None, "the batch ended before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
+    workers = _children(proc.pid)
+    assert workers, "the batch runs its studies in worker processes"
+    os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(_alive(w) for w in workers):
+        time.sleep(0.5)
+    assert not any(_alive(w) for w in workers), "worker processes outlived the killed batch"
     with sqlite3.connect(out / "results.sqlite") as db:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         committed = {r[0] for r in db.execute("SELECT case_id FROM studies WHERE status = 'done'")}
@@ -267,6 +311,55 @@ def test_a_killed_batch_resumes_without_loss_or_duplicates(tmp_path):
         assert db.execute("SELECT COUNT(*), COUNT(DISTINCT case_id) FROM studies WHERE status = 'done'").fetchone() \
             == (3, 3)
         assert db.execute("SELECT COUNT(*) FROM lesions").fetchone()[0] == 3
+        assert db.execute("SELECT COUNT(*) FROM inflight").fetchone()[0] == 0
     for row in rows:
         json.loads((out / row["case_id"] / "record.json").read_text())
     assert not any((out / ".staging").glob("*"))
+
+
+def test_a_folder_the_batch_did_not_write_is_never_replaced(tmp_path):
+    from medsam3d.batch.runner import _place_study
+
+    (tmp_path / "STS_001").mkdir()
+    (tmp_path / "STS_001" / "CT_image.nii.gz").write_bytes(b"the user's data")
+    result = {"files": {"labels.seg.nrrd": b"x"}, "record": {"objects": []}}
+    with pytest.raises(Exception, match="not written by medsam3d batch"):
+        _place_study(tmp_path, "STS_001", result)
+    assert (tmp_path / "STS_001" / "CT_image.nii.gz").read_bytes() == b"the user's data"
+    _place_study(tmp_path, "new", result)  # the batch's own folder: written, and replaced on the next run
+    _place_study(tmp_path, "new", {**result, "files": {"labels.seg.nrrd": b"y"}})
+    assert (tmp_path / "new" / "labels.seg.nrrd").read_bytes() == b"y"
+
+
+def test_pseudonymised_exports_hold_no_paths(local_run, manifest):
+    summary, outdir = local_run
+    again = run_batch(manifest, outdir, engine="local", workers=1, pseudonymise=True, **FAST)
+    assert again.done == 0  # nothing recomputed: only the shared exports are rewritten
+    secret = str(manifest.parent)  # the folder names a real export would carry (patient names, MRNs)
+    for name in ("results.json", "results.csv", "report.html"):
+        text = (outdir / name).read_text()
+        assert secret not in text, name
+        assert "P1_t0" in text
+    database = sqlite3.connect(outdir / "results.sqlite")  # the database stays with the data, paths and all
+    assert database.execute("SELECT image FROM studies WHERE case_id = 'P1_t0'").fetchone()[0].startswith(secret)
+
+
+def test_force_recomputes_and_failed_studies_are_kept_until_retried(tmp_path):
+    (tmp_path / "bad.json").write_text("[")
+    path = _write_manifest(tmp_path / "m.csv", [
+        {"case_id": "a", "patient_id": "p", "timepoint": "1", "image": "missing.nii.gz", "prompts": "1,1,5,5@0"},
+        {"case_id": "b", "patient_id": "q", "timepoint": "1", "image": str(EXAMPLE / "CT_image.nii.gz"),
+         "prompts": "bad.json"}])
+    out = tmp_path / "out"
+    counts = []
+    for options in ({}, {}, {"force": True}, {"retry_failed": True}):
+        summary = run_batch(path, out, report=False, **options)
+        counts.append((summary.done, summary.skipped, summary.failed))
+    assert counts == [(0, 0, 2)] * 4
+    db = sqlite3.connect(out / "results.sqlite")
+    # run 1 records both; run 2 keeps them (unchanged inputs fail the same way); --force and --retry-failed rerun
+    assert [r[0] for r in db.execute("SELECT run_id FROM failures WHERE case_id = 'a' ORDER BY id")] == [1, 3, 4]
+    (tmp_path / "bad.json").write_text('{"version": 1, "objects": [{"name": "t", "slice": 23, "box": [57, 57, 60]}]}')
+    summary = run_batch(path, out, report=False)  # a changed prompt file: that study runs again by itself
+    assert db.execute("SELECT COUNT(*) FROM failures WHERE case_id = 'b'").fetchone()[0] == 4
+    assert db.execute("SELECT COUNT(*) FROM failures WHERE case_id = 'a'").fetchone()[0] == 3

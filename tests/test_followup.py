@@ -457,3 +457,13 @@ def test_output_is_json_with_exactly_the_spec_keys():
         {"baseline", "present", "new", "disappeared"}
     assert set(result["rules"]) == RULE_KEYS and result["rules"]["thresholds"] == {"pr_pct": -65.7, "pd_pct": 72.8}
     assert result["timepoints"][0] == {"case_id": "b", "timepoint": "T0", "order": [1, 0.0]}
+
+
+def test_a_lesion_back_after_complete_response_is_progression():
+    """RECIST 1.1: after CR, any lesion reappearing is PD, even far below +20 % / +5 mm over a nadir of 0."""
+    studies = [_study("c0", 0, [_lesion("a", 30.0)]), _study("c1", 1, [_lesion("a", 0.0, volume=0.0)]),
+               _study("c2", 2, [_lesion("a", 4.0)])]
+    result = follow_up(studies, register=False)[0]
+    assert _categories(result) == ["baseline", "CR", "PD"]
+    assert "reappeared after CR" in result["response"][2]["recist_reason"]
+    assert _categories(result, "volumetric") == ["baseline", "CR", "PD"]

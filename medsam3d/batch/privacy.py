@@ -64,7 +64,7 @@ UID_KEYS = frozenset(k.lower() for k in (
 IDENTIFYING_COLUMN_WORDS = (
     "name", "mrn", "medicalrecord", "recordnumber", "birth", "dob", "accession", "ssn", "socialsecurity",
     "nhs", "insurance", "address", "street", "zip", "postcode", "postal", "phone", "email", "mail",
-    "initials", "physician", "referring", "doctor", "surgeon", "institution", "hospital", "patientid",
+    "initials", "physician", "referring", "doctor", "surgeon", "institution", "hospital", "patientid", "uid",
 )
 
 # deleted, but their values (M, 045Y) are too short and common to search for in other text
@@ -99,6 +99,9 @@ def pseudonymise(results: dict[str, Any]) -> dict[str, Any]:
                     own[value] = f"<{case}>/{column}{_suffix(value)}"
         if study.get("image"):
             own[str(study["image"])] = f"<{case}>/image{_suffix(study['image'])}"
+        prompts = study.get("prompts")
+        if isinstance(prompts, str) and not prompts.startswith(("from:", "text:")) and _looks_like_path(prompts):
+            own[prompts] = f"<{case}>/prompts{_suffix(prompts)}"  # a prompt file, as written in the manifest
         record = study.get("record")
         if isinstance(record, dict):
             _record_paths(record, case, own)

@@ -36,6 +36,13 @@ ENGINES = ("local", "ray")
 #: exit code of ``medsam3d batch`` when the batch finished but some studies failed
 EXIT_FAILED_STUDIES = 3
 RESULTS_FORMAT = "medsam3d-batch-results/1"
+#: the file that marks a study folder as the batch's own (only such a folder is ever replaced)
+STUDY_MARKER = ".medsam3d-study"
+#: failures that recur with the same inputs: kept, not run again, unless --retry-failed (a worker that died,
+#: a full disk or a missing GPU may not recur, so those studies run again)
+STICKY_STAGES = ("load", "prompts", "segment", "crash")
+#: a study that was running when the batch stopped this many times is recorded as failed ("crash")
+MAX_CRASHES = 2
 #: the names of the batch's own files in the output folder, which no study folder may take
 RESERVED_NAMES = ("results.sqlite", "results.sqlite-wal", "results.sqlite-shm", "results.csv", "results.json",
                   "report.html")
@@ -121,10 +128,10 @@ def run_batch(manifest: str | os.PathLike, outdir: str | os.PathLike, *, engine:
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
     spec = ModelSpec(model_name, str(checkpoint) if checkpoint is not None else None, device, threads)
     settings = {**_jsonable(options), "fast": fast}
-    base = {"medsam3d_version": __version__, "settings": settings, "rtstruct": rtstruct, "register": register}
+    base = {"medsam3d_version": __version__, "settings": settings}
     manifest_sha = hashlib.sha256(Path(manifest).read_bytes()).hexdigest()
-    with _OutdirLock(outdir), ResultStore(outdir / "results.sqlite") as store:
-        store.forget(store.case_ids() - {s.case_id for s in studies})
+    with _OutdirLock(outdir), _open_store(outdir) as store:
+        _clean_staging(outdir)  # left by a killed run: never committed, so never in the database
         run_id = store.start_run(engine=engine, workers=workers, version=__version__, manifest=str(manifest),
                                  manifest_sha256=manifest_sha, total=len(studies))
         counts = {"done": 0, "skipped": 0, "failed": 0}
@@ -136,53 +143,69 @@ def run_batch(manifest: str | os.PathLike, outdir: str | os.PathLike, *, engine:
             if progress is not None:
                 progress(finished, len(studies), message)
 
+        def record_failure(study, stage: str, error: str) -> None:
+            nonlocal finished
+            store.commit_failed(study, key=keys[study.case_id], run_id=run_id, stage=stage, error=error)
+            counts["failed"] += 1
+            finished += 1
+            message = f"{study.case_id}: failed at {stage}: {error}"
+            log.info("%s", message)
+            report_progress(message)
+
         with _executor(engine, spec, workers=workers, address=ray_address) as execute:
             for level in _levels(studies):
                 tasks = []
                 for study in level:
-                    key = _study_key(study, base, keys, spec)
+                    key = _study_key(study, base, keys, spec, rtstruct=rtstruct, register=register)
                     keys[study.case_id] = key
                     old = store.study(study.case_id)
                     if not force and old is not None and old["key"] == key and (
-                            (old["status"] == "done" and (outdir / study.case_id).is_dir())
-                            or (old["status"] == "failed" and not retry_failed)):
+                            (old["status"] == "done" and (outdir / study.case_id / STUDY_MARKER).is_file())
+                            or (old["status"] == "failed" and old["stage"] in STICKY_STAGES and not retry_failed)):
+                        store.refresh(study)  # a corrected patient, time point or metadata column counts now
                         counts["skipped" if old["status"] == "done" else "failed"] += 1  # still failed
                         finished += 1
                         report_progress(f"{study.case_id}: unchanged ({old['status']}), not run again")
                         continue
-                    source = _source_of(study, studies, store, outdir) if study.prompts.kind == "from" else None
+                    if store.crashes(study.case_id, key) >= MAX_CRASHES:
+                        record_failure(study, "crash", f"the batch stopped {MAX_CRASHES} times while this study "
+                                       "ran (a crash, the out-of-memory killer or a kill); check its image, or run "
+                                       "it alone with medsam3d segment; --retry-failed tries it again")
+                        continue
+                    try:
+                        source = _source_of(study, studies, store, outdir) if study.prompts.kind == "from" else None
+                    except OSError as exc:
+                        record_failure(study, "prompts", f"could not read the label map of "
+                                       f"'{study.prompts.value}' ({exc.strerror}); run the batch again")
+                        continue
                     tasks.append(Task(study, options={**options, "fast": fast}, rtstruct=rtstruct,
                                       register=register, source=source))
                 by_case = {t.study.case_id: t.study for t in tasks}
-                for result in execute(tasks):
+                for result in execute(tasks, lambda t: store.start(t.study.case_id, keys[t.study.case_id])):
                     study = by_case[result["case_id"]]
                     peak[0] = max(peak[0], result.get("peak_rss_mb") or 0.0)
                     if result["status"] == "done":
                         try:
                             files = _place_study(outdir, study.case_id, result)
-                        except OSError as exc:
-                            result = {"status": "failed", "stage": "write", "error": f"could not write the "
-                                      f"study's folder: {exc}; check the output folder's space and permissions"}
+                        except (OSError, BatchError) as exc:
+                            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                            result = {"status": "failed", "stage": "write",
+                                      "error": f"could not write the study's folder: {reason}"}
                     if result["status"] == "done":
                         store.commit_done(study, key=keys[study.case_id], run_id=run_id, record=result["record"],
                                           files=files, timings=result["timings"])
                         counts["done"] += 1
-                        message = f"{study.case_id}: done"
+                        finished += 1
+                        report_progress(f"{study.case_id}: done")
                     else:
-                        store.commit_failed(study, key=keys[study.case_id], run_id=run_id, stage=result["stage"],
-                                            error=result["error"])
-                        counts["failed"] += 1
-                        message = f"{study.case_id}: failed at {result['stage']}: {result['error']}"
-                        log.warning("%s", message)
-                    finished += 1
-                    report_progress(message)
+                        record_failure(study, result["stage"], result["error"])
         store.finish_run(run_id, done=counts["done"], skipped=counts["skipped"], failed=counts["failed"])
         results = collect_results(store, studies, outdir, manifest=Path(manifest), manifest_sha256=manifest_sha,
                                   settings={**settings, "model": model_name, "checkpoint": spec.checkpoint,
                                             "device": device, "engine": engine, "workers": workers},
                                   register=register)
         _write_exports(results, outdir, pseudonymise=pseudonymise, report=report)
-        failures = store.failures(run_id)
+        failures = results["failures"]
     summary = BatchSummary(total=len(studies), done=counts["done"], skipped=counts["skipped"], failed=counts["failed"],
                            outdir=outdir, seconds=time.perf_counter() - t0, run_id=run_id, failures=failures,
                            peak_rss_mb=peak[0] or None)
@@ -200,9 +223,37 @@ def _prepare_outdir(outdir: Path) -> None:
                          "choose another -o") from None
     if not os.access(outdir, os.W_OK):
         raise BatchError(f"expected a writable output folder, found '{outdir}' read-only; choose another -o")
+
+
+def _clean_staging(outdir: Path) -> None:
     staging = outdir / ".staging"
-    if staging.exists():  # left by a killed run: never committed, so never in the database
+    if staging.exists():
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _open_store(outdir: Path) -> ResultStore:
+    import sqlite3
+
+    path = outdir / "results.sqlite"
+    try:
+        return ResultStore(path)
+    except sqlite3.DatabaseError as exc:
+        raise BatchError(f"expected the batch's results database at {path}, found a file SQLite cannot use ({exc}); "
+                         "move it away or choose another -o") from None
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (a directory's entries are synced by syncing the directory)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 class _OutdirLock:
@@ -229,22 +280,28 @@ class _OutdirLock:
 
 
 def _place_study(outdir: Path, case_id: str, result: dict[str, Any]) -> dict[str, Any]:
-    """Write a study's files into a staging folder, then swap it in for the study's folder whole."""
+    """Write a study's files into a staging folder, then swap it in for the study's folder whole.
+
+    A folder of that name is replaced only if the batch wrote it (it holds :data:`STUDY_MARKER`):
+    an output folder that also holds data never loses a folder that is not the batch's."""
+    final = outdir / case_id
+    if final.exists() and not (final / STUDY_MARKER).is_file():
+        raise BatchError(f"'{final}' exists and was not written by medsam3d batch; move it away or choose another -o")
     staging = outdir / ".staging" / f"{case_id}.{os.getpid()}"
     if staging.exists():
         shutil.rmtree(staging)
-    for rel, data in result["files"].items():
+    for rel, data in {**result["files"], STUDY_MARKER: b"written by medsam3d batch\n"}.items():
         target = staging / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         with open(target, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-    final = outdir / case_id
     old = outdir / ".staging" / f"{case_id}.old.{os.getpid()}"
     if final.exists():
         os.replace(final, old)
     os.replace(staging, final)
+    _fsync_dir(outdir)
     if old.exists():
         shutil.rmtree(old, ignore_errors=True)
     names = sorted(result["files"])
@@ -311,8 +368,10 @@ def _weights_id(spec: ModelSpec, study) -> str:
     return name
 
 
-def _study_key(study, base: dict[str, Any], keys: dict[str, str], spec: ModelSpec) -> str:
-    """SHA-256 of everything a study's result depends on."""
+def _study_key(study, base: dict[str, Any], keys: dict[str, str], spec: ModelSpec, *, rtstruct: bool,
+               register: bool) -> str:
+    """SHA-256 of everything a study's result depends on (``--rtstruct`` only for DICOM folders,
+    ``--no-register`` only for prompts taken ``from:`` another study)."""
     prompts = study.prompts
     if prompts.kind in ("file", "rtstruct", "seg"):
         prompt_id = _content_hash(Path(prompts.value))
@@ -323,6 +382,10 @@ def _study_key(study, base: dict[str, Any], keys: dict[str, str], spec: ModelSpe
     parts = {**base, "image": _content_hash(Path(study.image)), "series_uid": study.series_uid,
              "window": study.window, "modality": study.modality, "prompts": prompt_id,
              "weights": _weights_id(spec, study), "device": spec.device}
+    if rtstruct and Path(study.image).is_dir():
+        parts["rtstruct"] = True
+    if prompts.kind == "from":
+        parts["register"] = register
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -353,7 +416,7 @@ def _source_of(study, studies: list, store: ResultStore, outdir: Path) -> dict[s
     row = store.study(source.case_id)
     labels = outdir / source.case_id / LABELS_NRRD
     if row is None or row["status"] != "done" or not labels.is_file():
-        return None
+        return None  # the worker then fails the study with a one-line error
     return {"case_id": source.case_id, "image": str(source.image), "series_uid": source.series_uid,
             "labels": labels.read_bytes()}
 
@@ -368,15 +431,19 @@ def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
 # --- engines -----------------------------------------------------------------------------------
 
 class _executor:
-    """``with _executor(...) as execute: for result in execute(tasks)``: results as they finish."""
+    """``with _executor(...) as execute: for result in execute(tasks, on_start)``: results as they finish.
+
+    At most one task per worker is handed out at a time, and ``on_start(task)`` is called just
+    before, so that the studies the database marks as in flight are the ones really running."""
 
     def __init__(self, engine: str, spec: ModelSpec, *, workers: int, address: str | None):
         self.engine, self.spec, self.workers, self.address = engine, spec, workers, address
         self._pool = None
         self._ray_started = False
         self._actors: list = []
+        self._actor_class = None
 
-    def __enter__(self) -> Callable[[list[Task]], Iterator[dict[str, Any]]]:
+    def __enter__(self) -> Callable[..., Iterator[dict[str, Any]]]:
         return self.run
 
     def __exit__(self, *exc) -> None:
@@ -392,38 +459,71 @@ class _executor:
 
             ray.shutdown()
 
-    def run(self, tasks: list[Task]) -> Iterator[dict[str, Any]]:
+    def run(self, tasks: list[Task], on_start: Callable[[Task], None]) -> Iterator[dict[str, Any]]:
         if not tasks:
             return
         if self.engine == "ray":
-            yield from self._ray(tasks)
+            yield from self._ray(tasks, on_start)
         elif self.workers == 1:
             for task in tasks:
+                on_start(task)
                 yield run_task(task, self.spec)
         else:
-            yield from self._processes(tasks)
+            yield from self._processes(tasks, on_start)
 
-    def _processes(self, tasks: list[Task]) -> Iterator[dict[str, Any]]:
+    # local worker processes
+    def _new_pool(self):
         import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+        from concurrent.futures import ProcessPoolExecutor
 
-        if self._pool is None:
-            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"))
-        futures = {self._pool.submit(run_task, task, self.spec): task for task in tasks}
-        for future in as_completed(futures):
-            task = futures[future]
-            try:
-                yield future.result()
-            except Exception as exc:  # a worker process died (killed, out of memory)
-                yield {"case_id": task.study.case_id, "status": "failed", "stage": "worker",
-                       "error": f"the worker process died ({type(exc).__name__}); run with fewer workers"}
+        return ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_watch_parent, initargs=(os.getpid(),))
 
-    def _ray(self, tasks: list[Task]) -> Iterator[dict[str, Any]]:
+    def _processes(self, tasks: list[Task], on_start) -> Iterator[dict[str, Any]]:
+        """A pool of processes. When one dies, the pool breaks and every study it was running is
+        suspect: each runs again alone, and one that breaks the pool alone is that study's failure."""
+        from concurrent.futures import FIRST_COMPLETED, wait
+        from concurrent.futures.process import BrokenProcessPool
+
+        queue = list(tasks)
+        suspects: set[str] = set()
+        running: dict[Any, Task] = {}
+        while queue or running:
+            if self._pool is None:
+                self._pool = self._new_pool()
+            while queue and len(running) < self.workers:
+                alone = queue[0].study.case_id in suspects
+                if alone and running or any(t.study.case_id in suspects for t in running.values()):
+                    break
+                task = queue.pop(0)
+                on_start(task)
+                running[self._pool.submit(run_task, task, self.spec)] = task
+            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            broken = []
+            for future in done:
+                task = running.pop(future)
+                try:
+                    yield future.result()
+                except BrokenProcessPool:
+                    broken.append(task)
+            if broken:  # the pool is unusable: every study still in it shares the suspicion
+                broken += list(running.values())
+                running.clear()
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = None
+                for task in broken:
+                    if task.study.case_id in suspects and len(broken) == 1:
+                        yield _died(task, "the worker process died while running this study (twice; a crash or "
+                                          "the out-of-memory killer); run fewer workers or check its image")
+                    else:
+                        suspects.add(task.study.case_id)
+                        queue.insert(0, task)
+
+    # Ray actors
+    def _ray(self, tasks: list[Task], on_start) -> Iterator[dict[str, Any]]:
         from ..errors import require
 
         ray = require("ray", "the Ray engine", extra="ray")
-        from ray.util import ActorPool
-
         if not ray.is_initialized():
             try:
                 ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
@@ -432,24 +532,73 @@ class _executor:
                                  f"({' '.join(str(exc).split())[:160]}); check --ray-address") from None
             self._ray_started = True
         if not self._actors:
-            gpus = ray.cluster_resources().get("GPU", 0)
-            worker = ray.remote(num_cpus=self.spec.threads or 1, num_gpus=1 if gpus else 0)(RayStudyWorker)
-            self._actors = [worker.remote(self.spec) for _ in range(self.workers)]
-        pool = ActorPool(self._actors)
-        for task in tasks:
-            pool.submit(lambda actor, t: actor.run.remote(t), task)
-        remaining = {t.study.case_id: t for t in tasks}
-        while pool.has_next():
+            self._start_actors(ray)
+        idle = list(self._actors)
+        queue = list(tasks)
+        pending: dict[Any, tuple[Task, Any]] = {}
+        while queue or pending:
+            while queue and idle:
+                actor, task = idle.pop(), queue.pop(0)
+                on_start(task)
+                pending[actor.run.remote(task)] = (task, actor)
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            task, actor = pending.pop(ref)
             try:
-                result = pool.get_next_unordered()
-            except Exception as exc:  # an actor died
-                log.error("a Ray worker died: %s", " ".join(str(exc).split())[:200])
-                break
-            remaining.pop(result["case_id"], None)
+                result = ray.get(ref)
+            except ray.exceptions.RayActorError as exc:  # the actor's process died: only its study fails
+                self._actors.remove(actor)
+                replacement = self._actor_class.remote(self.spec)
+                self._actors.append(replacement)
+                idle.append(replacement)
+                yield _died(task, f"the Ray worker died while running this study "
+                                  f"({' '.join(str(exc).split())[:120]}); run the batch again to retry it")
+                continue
+            except ray.exceptions.RayError as exc:
+                idle.append(actor)
+                yield _died(task, f"Ray could not run this study ({type(exc).__name__}); run the batch again")
+                continue
+            idle.append(actor)
             yield result
-        for case_id in remaining:
-            yield {"case_id": case_id, "status": "failed", "stage": "worker",
-                   "error": "the Ray worker died before finishing; run the batch again to resume"}
+
+    def _start_actors(self, ray) -> None:
+        """``workers`` actors, each with the CPUs it can have on one node and a GPU (or a share) when there is one."""
+        import dataclasses
+
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        cpus = max(1, min(self.spec.threads or 1, int(max((n.get("CPU", 1) for n in nodes), default=1))))
+        gpus = ray.cluster_resources().get("GPU", 0)
+        gpu_share = min(1.0, gpus / self.workers) if gpus else 0
+        self.spec = dataclasses.replace(self.spec, threads=cpus)
+        self._actor_class = ray.remote(num_cpus=cpus, num_gpus=gpu_share)(RayStudyWorker)
+        self._actors = [self._actor_class.remote(self.spec) for _ in range(self.workers)]
+        try:
+            ray.get([a.ready.remote() for a in self._actors], timeout=RAY_READY_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            raise BatchError(f"expected {self.workers} Ray workers with {cpus} CPU(s)"
+                             f"{f' and {gpu_share:g} GPU' if gpu_share else ''} each, found the cluster could not "
+                             f"start them in {RAY_READY_TIMEOUT_S} s (it has {ray.cluster_resources()}); use fewer "
+                             "--workers or --threads") from None
+
+
+#: how long Ray may take to place and start the workers before the batch gives up
+RAY_READY_TIMEOUT_S = 300
+
+
+def _died(task: Task, error: str) -> dict[str, Any]:
+    return {"case_id": task.study.case_id, "status": "failed", "stage": "worker", "error": error}
+
+
+def _watch_parent(parent: int) -> None:
+    """In a pool worker: exit when the batch that started it is gone (a killed driver leaves no orphans)."""
+    import threading
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="medsam3d-parent-watch").start()
 
 
 class RayStudyWorker:
@@ -457,10 +606,12 @@ class RayStudyWorker:
 
     def __init__(self, spec: ModelSpec):
         self.spec = spec
-        if spec.threads is not None:
-            from ..models import set_threads
+        from .worker import cap_threads
 
-            set_threads(spec.threads)
+        cap_threads(spec.threads)
+
+    def ready(self) -> bool:
+        return True
 
     def run(self, task: Task) -> dict[str, Any]:
         return run_task(task, self.spec)
@@ -495,7 +646,7 @@ def collect_results(store: ResultStore, studies: list, outdir: Path, *, manifest
             lesions.append({"case_id": row["case_id"], "patient_id": row["patient_id"],
                             "timepoint": row["timepoint"], "modality": row["modality"], **lesion_facts(obj)})
     entries.sort(key=lambda e: (e["patient_id"], e["order"], e["case_id"]))
-    followup = _follow_up(entries, order, register=register)
+    followup = _follow_up(entries, order, register=register, store=store)
     done = sum(e["status"] == "done" for e in entries)
     return {"format": RESULTS_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "medsam3d_version": __version__,
             "manifest": {"path": str(manifest), "sha256": manifest_sha256}, "settings": settings,
@@ -504,8 +655,10 @@ def collect_results(store: ResultStore, studies: list, outdir: Path, *, manifest
             "studies": entries, "lesions": lesions, "followup": followup, "failures": failures}
 
 
-def _follow_up(entries: list[dict[str, Any]], studies: dict[str, Any], *, register: bool) -> list[dict[str, Any]]:
-    """Each patient's done studies followed over time (see :mod:`medsam3d.followup`)."""
+def _follow_up(entries: list[dict[str, Any]], studies: dict[str, Any], *, register: bool,
+               store: ResultStore) -> list[dict[str, Any]]:
+    """Each patient's done studies followed over time (see :mod:`medsam3d.followup`); a
+    registration whose two studies are unchanged is taken from the database."""
     from ..followup import follow_up
     from ..io import load
 
@@ -523,16 +676,29 @@ def _follow_up(entries: list[dict[str, Any]], studies: dict[str, Any], *, regist
         inputs.append(entry)
     if not inputs:
         return []
+    keys = {e["case_id"]: (store.study(e["case_id"]) or {"key": ""})["key"] for e in done}
+    baselines: dict[tuple, dict[str, Any]] = {}
+    for entry in sorted(inputs, key=lambda e: e["order"]):
+        baseline = baselines.setdefault((entry["patient_id"], entry["modality"]), entry)
+        pair = f"{keys[entry['case_id']]}:{keys[baseline['case_id']]}:{register}"
+        cached = store.registration(pair) if baseline is not entry and "registration" not in entry else None
+        if cached is not None:
+            entry["registration"] = {**cached, "case_id": entry["case_id"], "to": baseline["case_id"]}
 
     def load_image(case_id: str):
         study = studies[case_id]
         return load(study.image, series_uid=study.series_uid)
 
     try:
-        return follow_up(inputs, load_image=load_image, register=register)
-    except Medsam3dError as exc:
-        log.error("follow-up failed: %s", exc)
+        followed = follow_up(inputs, load_image=load_image, register=register)
+    except Exception as exc:  # the studies are committed: their exports must still be written
+        log.error("the follow-up could not be computed (%s: %s); the results are written without it",
+                  type(exc).__name__, " ".join(str(exc).split())[:200])
         return []
+    store.save_registrations({f"{keys[r['case_id']]}:{keys[r['to']]}:{register}": r
+                              for patient in followed for r in patient.get("registration", [])
+                              if r.get("case_id") in keys and r.get("to") in keys})
+    return followed
 
 
 def _axial_spacing(affine: list[list[float]]) -> float:
@@ -553,25 +719,35 @@ def results_csv(results: dict[str, Any]) -> str:
                 if point.get("label") is not None:
                     tracks[(point["case_id"], point["label"])] = lesion["track"]
     meta_columns = sorted({k for s in results["studies"] for k in s.get("metadata", {})})
+    renamed = {k: f"meta_{k}" if k in CSV_COLUMNS else k for k in meta_columns}  # never overrides a result
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=[*CSV_COLUMNS, *meta_columns], lineterminator="\n",
+    writer = csv.DictWriter(buffer, fieldnames=[*CSV_COLUMNS, *renamed.values()], lineterminator="\n",
                             extrasaction="ignore")
     writer.writeheader()
     for study in results["studies"]:
-        base = {"case_id": study["case_id"], "patient_id": study["patient_id"], "timepoint": study["timepoint"],
-                "modality": study.get("modality"), "status": study["status"], "error": study.get("error"),
-                **study.get("metadata", {})}
+        base = {renamed[k]: _cell(v) for k, v in study.get("metadata", {}).items()}
+        base.update({"case_id": study["case_id"], "patient_id": _cell(study["patient_id"]),
+                     "timepoint": study["timepoint"], "modality": study.get("modality"), "status": study["status"],
+                     "error": _cell(study.get("error"))})
         objects = (study.get("record") or {}).get("objects", [])
         if not objects:
             writer.writerow(base)
         for obj in objects:
             f = lesion_facts(obj)
             lo, hi = f["volume_ml_range"] or (None, None)
-            writer.writerow({**base, **{k: f[k] for k in ("label", "name", "volume_ml", "long_axis_mm",
+            writer.writerow({**base, **{k: f[k] for k in ("label", "volume_ml", "long_axis_mm",
                                                           "short_axis_mm", "max_diameter_3d_mm")},
+                             "name": _cell(f["name"]),
                              "volume_ml_low": lo, "volume_ml_high": hi, "touches_border": int(f["touches_border"]),
                              "flags": ";".join(f["flags"]), "track": tracks.get((study["case_id"], f["label"]))})
     return buffer.getvalue()
+
+
+def _cell(value: Any) -> Any:
+    """A text cell a spreadsheet will not run as a formula (``=``, ``+``, ``-``, ``@`` first: quoted)."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
 
 
 def _write_exports(results: dict[str, Any], outdir: Path, *, pseudonymise: bool, report: bool) -> None:

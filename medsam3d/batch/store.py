@@ -7,7 +7,12 @@
   result was computed from, its record (JSON) and its files;
 - ``lesions``: one row per object of a done study (volume, range, RECIST axes, centroid, flags);
 - ``measurements``: one row per connected component (``component`` 0 is the whole object);
-- ``failures``: every failure of every run, with its stage and one-line error.
+- ``failures``: every failure of every run, with its stage and one-line error;
+- ``registrations``: each follow-up's registration onto its baseline, keyed by both studies'
+  keys, so that a re-run does not register again what has not changed;
+- ``inflight``: the studies handed to a worker and not yet committed. A row left there when a
+  run stops counts one stop against its study, so a study that crashes the batch each time it
+  runs is recorded as failed instead of stopping every resume.
 
 A study's rows are replaced in one transaction after its outputs are in place, and the
 database runs in WAL mode with full synchronisation: a crash or a kill loses at most the
@@ -45,6 +50,9 @@ CREATE TABLE IF NOT EXISTS measurements (
     component INTEGER NOT NULL, name TEXT, voxels INTEGER, volume_ml REAL, long_axis_mm REAL,
     short_axis_mm REAL, max_diameter_3d_mm REAL, sphericity REAL, data TEXT,
     PRIMARY KEY (case_id, label, component));
+CREATE TABLE IF NOT EXISTS inflight (
+    case_id TEXT PRIMARY KEY, key TEXT NOT NULL, stops INTEGER NOT NULL, started TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS registrations (pair TEXT PRIMARY KEY, entry TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS failures (
     id INTEGER PRIMARY KEY AUTOINCREMENT, run_id INTEGER REFERENCES runs(run_id), case_id TEXT NOT NULL,
     row INTEGER, stage TEXT, error TEXT NOT NULL, time TEXT NOT NULL);
@@ -120,6 +128,7 @@ class ResultStore:
     def _study_row(self, conn, study, *, status: str, key: str, run_id: int, record: dict | None,
                    files: dict | None, timings: dict | None, error: str | None, stage: str | None,
                    modality: str | None) -> None:
+        conn.execute("DELETE FROM inflight WHERE case_id = ?", (study.case_id,))
         conn.execute("DELETE FROM studies WHERE case_id = ?", (study.case_id,))  # cascades to its lesions
         conn.execute(
             "INSERT INTO studies (case_id, patient_id, timepoint, sort_key, modality, row, status, key, run_id, "
@@ -130,6 +139,26 @@ class ResultStore:
              json.dumps(record, allow_nan=False) if record is not None else None,
              json.dumps(files) if files is not None else None, json.dumps(timings) if timings else None,
              error, stage, _now()))
+
+    def refresh(self, study) -> None:
+        """Bring a skipped study's manifest fields (patient, time point, row, metadata) up to date."""
+        with self._transaction() as conn:
+            conn.execute("UPDATE studies SET patient_id = ?, timepoint = ?, sort_key = ?, row = ?, metadata = ?, "
+                         "image = ?, prompts = ?, modality = COALESCE(?, modality) WHERE case_id = ?",
+                         (study.patient_id, study.timepoint, json.dumps(list(study.order)), study.row,
+                          json.dumps(study.metadata), str(study.image), study.prompts.describe(), study.modality,
+                          study.case_id))
+
+    def crashes(self, case_id: str, key: str) -> int:
+        """How many runs stopped while this study (with this key) was being computed."""
+        row = self.conn.execute("SELECT key, stops FROM inflight WHERE case_id = ?", (case_id,)).fetchone()
+        return int(row["stops"]) + 1 if row is not None and row["key"] == key else 0
+
+    def start(self, case_id: str, key: str) -> None:
+        """Note that a study was handed to a worker (cleared when its result is committed)."""
+        stops = self.crashes(case_id, key)
+        with self._transaction() as conn:
+            conn.execute("INSERT OR REPLACE INTO inflight VALUES (?, ?, ?, ?)", (case_id, key, stops, _now()))
 
     def commit_done(self, study, *, key: str, run_id: int, record: dict[str, Any], files: dict[str, Any],
                     timings: dict[str, Any]) -> None:
@@ -162,11 +191,14 @@ class ResultStore:
             conn.execute("INSERT INTO failures (run_id, case_id, row, stage, error, time) VALUES (?, ?, ?, ?, ?, ?)",
                          (run_id, study.case_id, study.row, stage, error, _now()))
 
-    def forget(self, case_ids: set[str]) -> None:
-        """Drop studies no longer in the manifest from the results (their folders stay)."""
+    def registration(self, pair: str) -> dict[str, Any] | None:
+        row = self.conn.execute("SELECT entry FROM registrations WHERE pair = ?", (pair,)).fetchone()
+        return json.loads(row[0]) if row is not None else None
+
+    def save_registrations(self, entries: dict[str, dict[str, Any]]) -> None:
         with self._transaction() as conn:
-            for case_id in case_ids:
-                conn.execute("DELETE FROM studies WHERE case_id = ?", (case_id,))
+            for pair, entry in entries.items():
+                conn.execute("INSERT OR REPLACE INTO registrations VALUES (?, ?)", (pair, json.dumps(entry)))
 
     def studies(self) -> Iterator[sqlite3.Row]:
         return iter(self.conn.execute("SELECT * FROM studies ORDER BY patient_id, sort_key, case_id").fetchall())

@@ -63,13 +63,24 @@ class Task:
 _MODELS: dict[ModelSpec, Any] = {}
 
 
+def cap_threads(threads: int | None) -> None:
+    """Cap this worker's threads: torch, ONNX Runtime, medsam3d's pool and SimpleITK (registration)."""
+    if threads is None:
+        return
+    import SimpleITK as sitk
+
+    from ..models import set_threads
+
+    set_threads(threads)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+
+
 def worker_model(spec: ModelSpec):
     """The model of this process for ``spec``, loaded on first use and kept."""
     if spec not in _MODELS:
-        from ..models import load_model, set_threads
+        from ..models import load_model
 
-        if spec.threads is not None:
-            set_threads(spec.threads)
+        cap_threads(spec.threads)
         _MODELS[spec] = load_model(spec.name, checkpoint=spec.checkpoint, device=spec.device)
     return _MODELS[spec]
 
@@ -174,18 +185,13 @@ def _segment_and_write(task: Task, volume, prompts, model) -> tuple[dict[str, by
     with tempfile.TemporaryDirectory(prefix="medsam3d-study-") as tmp:
         root = Path(tmp)
         (root / "meshes").mkdir()
-        outputs: dict[str, Any] = {"labels": root / (DICOM_SEG if dicom else LABELS_NRRD), "mesh": root / MESH,
-                                   "picture": root / SNAPSHOT}
-        if dicom:
-            outputs["sr"] = root / DICOM_SR
-            if task.rtstruct:
-                outputs["rtstruct"] = root / RTSTRUCT
+        outputs = {"labels": root / LABELS_NRRD, "mesh": root / MESH, "picture": root / SNAPSHOT}
         record = run_case(volume, prompts, outputs=outputs, model=model, mesh=True, case_id=study.case_id,
                           **engine_options(task.options, study))
         t_extra = time.perf_counter()
-        if dicom:
-            save(record.labels, root / LABELS_NRRD, reference=volume)
         save(record.labels, root / LABELS_NIFTI, reference=volume)
+        if dicom:
+            _dicom_files(record, volume, root, rtstruct=task.rtstruct)
         overlays = _overlays(volume, record, root)
         (root / MEASUREMENTS).write_text(_measurements_csv(record), encoding="utf-8")
         data = record.to_dict()
@@ -199,6 +205,32 @@ def _segment_and_write(task: Task, volume, prompts, model) -> tuple[dict[str, by
         files = {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
     data["batch_files"] = {"overlays": overlays}
     return files, data
+
+
+def _dicom_files(record, volume, root: Path, *, rtstruct: bool) -> None:
+    """The DICOM SEG, the SR that references it and, on request, the RTSTRUCT, when there is
+    something to write (DICOM has no empty segmentation; an empty result stays a .seg.nrrd)."""
+    from ..errors import Medsam3dError
+    from ..io.dicomseg import write_dicom_seg
+    from ..io.dicomsr import write_measurement_sr
+    from ..io.rtstruct_write import write_rtstruct
+
+    if not any(obj.voxels for obj in record.objects):
+        record.warnings.append("no DICOM SEG, SR or RTSTRUCT: every object is empty")
+        return
+    rows = [obj.measurements["whole"] for obj in record.objects if obj.voxels and obj.measurements
+            and obj.measurements.get("whole")]
+    try:
+        write_dicom_seg(record.labels, root / DICOM_SEG, volume)
+        write_measurement_sr(record.labels, root / DICOM_SR, seg=root / DICOM_SEG, reference=volume,
+                             measurements=rows)
+        if rtstruct:
+            write_rtstruct(record.labels, root / RTSTRUCT, reference=volume)
+    except Medsam3dError as exc:
+        for name in (DICOM_SEG, DICOM_SR, RTSTRUCT):
+            (root / name).unlink(missing_ok=True)
+        record.warnings.append(f"no DICOM outputs: {exc}")
+        log.warning("study %s: no DICOM outputs: %s", record.case_id, exc)
 
 
 def _dicom_outputs_possible(volume) -> bool:

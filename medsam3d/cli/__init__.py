@@ -17,6 +17,7 @@ from ._common import _fail, _non_negative_float, _non_negative_int, _one_line, _
 from .batch import _cmd_batch, _cmd_batch_plan
 from .inspect import _cmd_info, _cmd_measure
 from .segment import _cmd_segment
+from .serve import _cmd_serve, add_serve_arguments
 from .surfaces import _cmd_mesh, _cmd_render
 
 
@@ -133,6 +134,10 @@ def _get_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, required=True, help="the manifest to write (.csv)")
     p.add_argument("--force", action="store_true", help="overwrite an existing manifest (its prompts may be filled in)")
     p.set_defaults(func=_cmd_batch_plan)
+
+    p = sub.add_parser("serve", help="an HTTP server: sessions, prompts, refines (the 3D Slicer module's backend)")
+    add_serve_arguments(p)
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("mesh", help="surface mesh of a label map in patient coordinates")
     p.add_argument("labels", type=Path, help="label map (NIfTI/NRRD/.seg.nrrd, or DICOM SEG/RTSTRUCT with --image)")

@@ -385,6 +385,14 @@ def _responses(studies: list[Mapping[str, Any]], tracks: list[_Track], targets: 
                                                           pd_abs=0.0, unit="mL", nontarget=nontarget, new=present_new)
             changes = (rs.pct(sum_t, sums[0]), rs.pct(sum_t, nadir), rs.pct(vol_t, volumes[0]),
                        rs.pct(vol_t, nadir_v))
+            # RECIST 1.1: after a complete response, any lesion coming back is progression
+            back = [tr.id for tr in tracks if (p := tr.points.get(t)) is not None and p.status == "present"
+                    and not tr.gone(t)]
+            if out and back:
+                if out[-1]["recist"] == "CR" and recist != "PD":
+                    recist, recist_reason = "PD", f"lesion(s) {', '.join(back)} reappeared after CR"
+                if out[-1]["volumetric"] == "CR" and volumetric != "PD":
+                    volumetric, volumetric_reason = "PD", f"lesion(s) {', '.join(back)} reappeared after CR"
             entry = {"recist": recist, "recist_reason": recist_reason, "volumetric": volumetric,
                      "volumetric_reason": volumetric_reason}
         sums.append(sum_t)
