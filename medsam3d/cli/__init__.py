@@ -15,6 +15,7 @@ from typing import Sequence
 from ..errors import Medsam3dError
 from ._common import _fail, _non_negative_float, _non_negative_int, _one_line, _positive_int
 from .batch import _cmd_batch, _cmd_batch_plan
+from .detect import add_detect_arguments, add_segment_text_arguments
 from .inspect import _cmd_info, _cmd_measure
 from .segment import _cmd_segment
 from .serve import _cmd_serve, add_serve_arguments
@@ -56,6 +57,7 @@ def _get_parser() -> argparse.ArgumentParser:
                           "(repeatable: one object each)")
     src.add_argument("--box-ras", action="append", metavar="R0,A0,S0,R1,A1,S1",
                      help="3D box by two opposite corners in RAS mm, as a Slicer ROI (repeatable: one object each)")
+    add_segment_text_arguments(src, p)
     p.add_argument("-o", "--output", type=Path, required=True, help="label map: .nii.gz, .nrrd, .seg.nrrd or .dcm (SEG)")
     p.add_argument("--json", dest="report", type=Path, help="write the case record (JSON, see the report schema) here")
     p.add_argument("--mesh", type=Path, help="write each object's surface (RAS mm): .stl, .obj, .ply or .vtp")
@@ -101,6 +103,9 @@ def _get_parser() -> argparse.ArgumentParser:
     p.add_argument("--measure", action="store_true", help="add shape measurements to the report")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_segment)
+
+    p = sub.add_parser("detect", help="propose boxes (and masks) for texts: a prompt file and Slicer ROIs to check")
+    add_detect_arguments(p)
 
     p = sub.add_parser("batch", help="segment and measure every study of a manifest; follow-up and report",
                        description="Exit codes: 0 all done, 2 nothing run (bad manifest or options), "

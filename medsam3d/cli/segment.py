@@ -14,8 +14,17 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     from ..prompts import parse_box_option, parse_box_ras_option
     from ..run import run_case
 
+    detector = None
     if args.prompts:
         prompts = args.prompts
+        if getattr(args, "detector", None) or getattr(args, "detector_weights", None):
+            from .detect import build_detector
+
+            detector = build_detector(args)  # answers the file's text objects
+    elif getattr(args, "text", None):
+        from .detect import segment_text_options
+
+        prompts, detector = segment_text_options(args)
     else:
         entries = ([parse_box_option(spec) for spec in args.box] if args.box
                    else [parse_box_ras_option(spec) for spec in args.box_ras])
@@ -45,7 +54,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
             allow_tilt=args.allow_tilt, volume_index=args.volume_index, case_id=args.case_id, progress=progress,
             window=args.window,
             modality=args.modality, overlap=args.overlap, zoom=None if args.no_zoom else 1.0, stride=args.stride,
-            taper=args.taper, config=PropagationConfig.fast() if args.fast
+            taper=args.taper, detector=detector,
+            config=PropagationConfig.fast() if args.fast
             else PropagationConfig(blend_embeddings=args.blend_embeddings))
         if bar is not None:
             bar.n = bar.total  # the work planned is done

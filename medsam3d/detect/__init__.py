@@ -3,7 +3,8 @@
 A detector follows :class:`Detector` (``name``; ``detect(volume, text, *, progress=None)``
 returns :class:`Detection` objects in the volume's voxel indices). Detectors are plugins
 (:func:`register_detector`, or the ``medsam3d.detectors`` entry point group) loaded by name
-with :func:`load_detector`; none is built in yet. :func:`resolve_text_prompts` turns the
+with :func:`load_detector`; ``ct-anatomy`` (:mod:`medsam3d.detect.anatomy`, weight-free CT
+anatomy) is built in. :func:`resolve_text_prompts` turns the
 ``text`` objects of a version-2 prompt file into box objects, one per detection.
 """
 

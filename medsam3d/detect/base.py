@@ -22,7 +22,8 @@ class Detection:
     ``box`` is ``(i0, j0, i1, j1)``, inclusive, on slice ``k = slice`` (a prompt file's
     ``box``); ``z_range`` (inclusive, containing ``slice``) bounds the object when the
     detector knows its extent in k; ``mask`` (bool, the volume's shape) is the object itself
-    when the detector segments; ``source`` names the detector (or its backend) that found it.
+    when the detector segments; ``source`` names the detector (or its backend) that found it;
+    ``seed`` is False when the mask itself is the answer and the box no prompt for the engine.
     """
 
     text: str
@@ -32,6 +33,9 @@ class Detection:
     z_range: tuple[int, int] | None = None
     mask: np.ndarray | None = None
     source: str = ""
+    #: False: the mask is the answer (a classical result such as the bones or the fat), and its box is
+    #: no prompt for the engine to propagate
+    seed: bool = True
 
     def __post_init__(self) -> None:
         where = f"the detection of {self.text!r}"

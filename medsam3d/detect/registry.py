@@ -37,3 +37,8 @@ def load_detector(name: str, **options: Any) -> Detector:
         raise DetectorError(f"expected a detector name ({installed}), found {name!r}")
     name = name.strip().lower()
     return DETECTOR_REGISTRY.build(name, (), {}, options)
+
+
+DETECTOR_REGISTRY.add(PluginSpec("ct-anatomy", "medsam3d.detect.anatomy:AnatomyDetector",
+                                 description="weight-free CT anatomy by Hounsfield units: body, lungs (left/right), "
+                                             "airways, bones, fat"), builtin=True)

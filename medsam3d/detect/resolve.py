@@ -42,7 +42,14 @@ def resolve_text_prompts(volume: Volume, objects: Sequence[ObjectPrompt], detect
             out.append(obj)
             continue
         det = _detector_for(obj, detector, loaded)
-        kept = _usable(volume, obj, det, det.detect(volume, obj.text, progress=progress))
+        found = det.detect(volume, obj.text, progress=progress)
+        masks_only = [d for d in found if isinstance(d, Detection) and not d.seed]
+        if masks_only and len(masks_only) == len(found):
+            raise PromptError(f"expected a text whose boxes can seed the engine for object '{obj.name}', found "
+                              f"{obj.text!r}, which detector '{det.name}' answers with a mask only "
+                              f"({masks_only[0].source}); write it with 'medsam3d detect INPUT --text "
+                              f"\"{obj.text}\" --labels OUT'")
+        kept = _usable(volume, obj, det, [d for d in found if not isinstance(d, Detection) or d.seed])
         for n, found in enumerate(kept):
             if n == 0:
                 name, label = obj.name, obj.label
