@@ -132,6 +132,10 @@ class Session:
     >>> fixed = session.refine("tumour", slice=27, box=[60, 60, 98, 104])           # doctest: +SKIP
     >>> record = session.run(outputs={"labels": "tumour.seg.nrrd"})              # doctest: +SKIP
 
+    To refine and get the record in one pass (the engine runs once), build the prompts and run
+    them: ``record = session.run(session.refined_prompts("tumour", slice=27, box=[...]))``
+    (then set ``session.objects`` to them, as :meth:`refine` would).
+
     ``segment`` and ``refine`` return the engine's
     :class:`~medsam3d.pipeline.SegmentationResult`; ``run`` writes outputs and returns the
     :class:`~medsam3d.record.CaseRecord` of the current prompts (via :func:`medsam3d.run_case`).
@@ -173,9 +177,11 @@ class Session:
         log.info("session: %d new encodings (%d cached)", self.model.misses - before, len(self.model._cache))
         return self.result
 
-    def refine(self, obj: int | str, *, slice: int, box: Sequence[int], replace: bool = True, **options):
-        """Add a box on ``slice`` to object ``obj`` (label or name), replacing its box there when
-        ``replace``, and segment again with the cached embeddings (see the module docstring)."""
+    def refined_prompts(self, obj: int | str, *, slice: int, box: Sequence[int], replace: bool = True) -> list:
+        """The session's current prompts with a box on ``slice`` added to object ``obj`` (label or
+        name), replacing its box there when ``replace``; nothing is segmented and the session is
+        left unchanged. Feed the result to :meth:`segment` or :meth:`run` (what :meth:`refine`
+        does); raises :class:`~medsam3d.errors.PromptError` for an unknown object or a bad box."""
         from dataclasses import replace as changed
 
         from .prompts import parse_prompts
@@ -194,8 +200,12 @@ class Session:
         z_range = target.z_range
         if z_range is not None:
             z_range = (min(z_range[0], new.slice), max(z_range[1], new.slice))
-        updated = [changed(o, boxes=boxes, z_range=z_range) if o is target else o for o in self.objects]
-        return self.segment(updated, **options)
+        return [changed(o, boxes=boxes, z_range=z_range) if o is target else o for o in self.objects]
+
+    def refine(self, obj: int | str, *, slice: int, box: Sequence[int], replace: bool = True, **options):
+        """Add a box on ``slice`` to object ``obj`` (label or name), replacing its box there when
+        ``replace``, and segment again with the cached embeddings (see the module docstring)."""
+        return self.segment(self.refined_prompts(obj, slice=slice, box=box, replace=replace), **options)
 
     def run(self, prompts=None, **kwargs):
         """:func:`medsam3d.run_case` on this session's volume and warm model (the current prompts

@@ -46,13 +46,19 @@ SHORT = {"version": 1, "objects": [{"name": "sarcoma", "slice": 23, "box": [57, 
 
 
 class SlowThreshold(ThresholdModel):
-    """The threshold model, ``delay`` seconds per encoded batch (a job that lasts, to cancel)."""
+    """The threshold model, ``delay`` seconds per encoded batch and ``decode_delay`` per decoded
+    image (a job that lasts, to cancel)."""
 
     delay = 0.0
+    decode_delay = 0.0
 
     def encode(self, images):
         time.sleep(self.delay)
         return super().encode(images)
+
+    def decode(self, image, boxes):
+        time.sleep(self.decode_delay)
+        return super().decode(image, boxes)
 
 
 class Client:
@@ -153,9 +159,9 @@ def fast_server(slow_model, tmp_path_factory):
 def client(fast_server, slow_model):
     """The fast server's client; every session a test opened is closed after it."""
     client = fast_server
-    slow_model.delay = 0.0
+    slow_model.delay = slow_model.decode_delay = 0.0
     yield client
-    slow_model.delay = 0.0
+    slow_model.delay = slow_model.decode_delay = 0.0
     store = client.app.state.store
     for sid in list(store._sessions):
         client.request("DELETE", f"/v1/sessions/{sid}")
@@ -187,6 +193,11 @@ def test_a_missing_or_wrong_token_is_refused(client, token):
     assert client.json("GET", "/v1/jobs/nothing")[0] == 404  # the right token: past the door, no such job
     status, _, _ = client.request("GET", "/v1/sessions/x", headers={"Authorization": f"Basic {TOKEN}"}, token=None)
     assert status == 401
+    # the token is checked before the body is parsed: a malformed body gets 401, not 422
+    for body in (b"{not json", b'{"prompts": 1, "extra": true}'):
+        status, headers, raw = client.request("POST", "/v1/sessions/x/segment", body,
+                                              {"Content-Type": "application/json"}, token=token)
+        assert status == 401 and {k.lower(): v for k, v in headers.items()}.get("www-authenticate") == "Bearer", raw
 
 
 # --- uploads ---------------------------------------------------------------------------------
@@ -258,6 +269,103 @@ def client_store(client: Client):
     return client.app.state.store
 
 
+def test_an_upload_naming_another_file_is_refused_before_it_is_read(client, tmp_path):
+    """A NRRD 'data file' or a MetaImage ElementDataFile other than LOCAL would make ITK read a file
+    of the server's disk: refused before any reader opens the upload; detached headers too."""
+    secret = tmp_path / "secret.raw"
+    secret.write_bytes(bytes(range(64)))  # 4 x 4 x 4 uchar: a valid volume, were it read
+    head = "NRRD0004\ntype: uchar\ndimension: 3\nsizes: 4 4 4\nencoding: raw\n"
+    nrrds = [f"{head}data file: {secret}\n\n", f"{head}datafile: {secret}\n\n",
+             f"{head}data file: LIST\n{secret}\n", f"{head}DATA FILE: {secret}\n\n",
+             f"{head}data file: {tmp_path}/secret.%d.raw 0 0 1\n\n"]
+    for text in nrrds:
+        status, answer = client.upload(text.encode(), "case.nrrd")
+        assert status == 400 and "data file" in answer["detail"] and str(tmp_path) not in answer["detail"], text
+    meta = "ObjectType = Image\nNDims = 3\nDimSize = 4 4 4\nElementType = MET_UCHAR\n"
+    for value in (str(secret), "LIST", "secret.raw", f"{tmp_path}/secret.%d.raw 0 0 1"):
+        for name in ("case.mha", "case.nrrd"):
+            status, answer = client.upload(f"{meta}ElementDataFile = {value}\n".encode(), name)
+            assert status == 400, (value, name, answer)
+    status, answer = client.upload(f"{meta}ElementDataFile = {secret}\n".encode(), "case.mha")
+    assert "ElementDataFile = LOCAL" in answer["detail"]
+    for name in ("case.mhd", "case.nhdr", "case.hdr", "case.img", "case.raw"):
+        status, answer = client.upload(f"{meta}ElementDataFile = {secret}\n".encode(), name)
+        assert status == 400 and "detached" in answer["detail"], name
+    store = client_store(client)
+    assert store.count() == 0 and store._pending == 0 and not list(store.root.iterdir())
+    # the same volume with its voxels inside the upload opens a session
+    status, session = client.upload(f"{meta}ElementDataFile = LOCAL\n".encode() + secret.read_bytes(), "case.mha")
+    assert status == 201 and session["shape"] == [4, 4, 4], session
+
+
+def test_a_header_claiming_too_many_voxels_is_refused_before_loading(client, tmp_path):
+    meta = "ObjectType = Image\nNDims = 3\nDimSize = 4000 4000 4000\nElementType = MET_SHORT\nElementDataFile = LOCAL\n"
+    status, answer = client.upload(meta.encode() + bytes(1024), "case.mha")
+    assert status == 413 and "voxels" in answer["detail"], answer
+    import nibabel as nib
+
+    nib.save(nib.MGHImage(np.zeros((4, 4, 4), np.float32), np.eye(4)), tmp_path / "small.mgh")
+    data = bytearray((tmp_path / "small.mgh").read_bytes())
+    data[4:16] = np.array([4000, 4000, 4000], ">i4").tobytes()  # width, height, depth of the MGH header
+    status, answer = client.upload(bytes(data), "case.mgh")
+    assert status == 413 and "voxels" in answer["detail"], answer
+    store = client_store(client)
+    assert store.count() == 0 and store._pending == 0
+
+
+def test_errors_never_show_the_server_s_folder(client):
+    store = client_store(client)
+    for body, name in ((b"not an image at all" * 100, "case.nii.gz"), (b"NRRD0004\nsizes: 2 2 2\n\nxx", "c.nrrd")):
+        status, answer = client.upload(body, name)
+        assert status == 400 and "<upload>" in answer["detail"], answer
+        assert str(store.root) not in answer["detail"] and "medsam3d-server-" not in answer["detail"]
+
+
+def test_a_stalled_upload_is_refused_and_gives_its_slot_back(tmp_path):
+    settings = ServerSettings(max_sessions=1, upload_idle_s=0.5, workdir=tmp_path)
+    with serving(settings, SlowThreshold()) as client:
+        store = client_store(client)
+        with socket.create_connection(("127.0.0.1", client.port), timeout=30) as sock:
+            sock.sendall(b"POST /v1/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream"
+                         b"\r\nX-Filename: case.nii.gz\r\nContent-Length: 100000\r\n\r\n" + b"\x1f\x8b" * 8)
+            t0 = time.monotonic()
+            answer = b""
+            while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        detail = json.loads(answer.split(b"\r\n\r\n", 1)[1])["detail"]
+        assert "0.5 s" in detail and "\n" not in detail and time.monotonic() - t0 < 15
+        assert store.count() == 0 and store._pending == 0 and not list(store.root.iterdir())
+        assert client.upload(_example_bytes())[0] == 201  # the one slot is free again
+
+
+def test_stale_server_folders_of_dead_processes_are_removed_at_startup(tmp_path):
+    dead = 4_000_000
+    while True:
+        try:
+            os.kill(dead, 0)
+        except ProcessLookupError:
+            break
+        except PermissionError:
+            pass
+        dead += 1
+    stale = tmp_path / f"medsam3d-server-{dead}-abc123"
+    (stale / "s-x").mkdir(parents=True)
+    (stale / "s-x" / "upload.nii.gz").write_bytes(b"old")
+    alive = tmp_path / f"medsam3d-server-{os.getppid()}-def456"
+    alive.mkdir()
+    other = tmp_path / "medsam3d-server-old"  # no process id in the name: left alone
+    other.mkdir()
+    with serving(ServerSettings(workdir=tmp_path), SlowThreshold()) as client:
+        root = client_store(client).root
+        assert root.name.startswith(f"medsam3d-server-{os.getpid()}-")
+        assert not stale.exists() and alive.exists() and other.exists()
+    assert not root.exists()
+
+
 def _zip(entries: dict[str, bytes], compression=zipfile.ZIP_DEFLATED) -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", compression) as archive:
@@ -319,6 +427,7 @@ def test_bad_prompts_and_bodies_get_a_422_with_one_line(client):
         ({"prompts": PROMPTS, "options": {"stride": 0}}, "stride"),
         ({"prompts": PROMPTS, "options": {"window": "sideways"}}, "window"),
         ({"prompts": PROMPTS, "options": {"modality": "XR"}}, "modality"),
+        ({"prompts": PROMPTS, "options": {"taper": 11}}, "taper"),
     ]
     for body, expected in bad:
         status, answer = client.json("POST", f"/v1/sessions/{sid}/segment", body)
@@ -329,6 +438,12 @@ def test_bad_prompts_and_bodies_get_a_422_with_one_line(client):
     status, _, _ = client.request("POST", f"/v1/sessions/{sid}/segment", b"{not json",
                                     {"Content-Type": "application/json"})
     assert status == 422
+    for raw in (b'{"prompts": %s, "options": {"taper": NaN}}' % json.dumps(SHORT).encode(),
+                b'{"prompts": %s, "options": {"taper": Infinity}}' % json.dumps(SHORT).encode(),
+                b'{"prompts": {"version": 1, "objects": [{"name": "x", "slice": 23, "box": [1, 2, 30, NaN]}]}}'):
+        status, _, answer = client.request("POST", f"/v1/sessions/{sid}/segment", raw,
+                                           {"Content-Type": "application/json"})
+        assert status == 422 and b"\\n" not in answer, answer
     status, answer = client.json("POST", "/v1/sessions/nope/segment", {"prompts": PROMPTS})
     assert status == 404
     status, answer = client.json("POST", f"/v1/sessions/{sid}/segment", {"prompts": PROMPTS, "pad": "x" * (2 << 20)})
@@ -352,6 +467,7 @@ def test_a_job_reports_progress_streams_its_events_and_gives_its_results(client,
     assert job["state"] == "done" and job["error"] is None
     status, record = client.json("GET", f"/v1/jobs/{job_id}/record")
     assert status == 200 and record["schema_version"] and record["objects"][0]["name"] == "sarcoma"
+    assert record["input"]["path"] == "upload.nii.gz"  # the server's name, never its temporary folder
     from medsam3d.record import validate_report
 
     validate_report(record)
@@ -387,6 +503,98 @@ def test_cancel_stops_a_running_job_and_a_queued_one(client, slow_model):
     assert client.json("GET", f"/v1/sessions/{sid}")[1]["objects"] == []  # the session is as before the job
     slow_model.delay = 0.0
     assert client.segment(sid, SHORT)["state"] == "done"  # and keeps serving
+
+
+def test_a_cancel_after_the_last_progress_report_publishes_nothing(client, slow_model):
+    """The cancel flag is checked after the engine returns: a job cancelled while the engine decoded,
+    fused or measured ends cancelled, and the session keeps its previous results."""
+    from medsam3d.server.jobs import _Cancelled
+
+    sid = client.upload(_example_bytes())[1]["session_id"]
+    first = client.segment(sid, SHORT)
+    store = client_store(client)
+    session = store.get(sid)
+    before = session.engine.record
+    assert before is store._jobs[first["job_id"]].result
+    calls = []
+
+    def check():  # passes before the engine starts, stops it after it returned
+        calls.append(1)
+        if len(calls) > 1:
+            raise _Cancelled()
+
+    with pytest.raises(_Cancelled):
+        session.engine.refine("sarcoma", slice=23, box=[60, 60, 98, 104], check=check)
+    assert len(calls) == 2 and session.engine.record is before
+    assert session.engine.objects[0].boxes[0].box == (57, 57, 100, 109)
+    # over HTTP: a refine that encodes nothing (its slices cached), slowed in the decoder, cancelled
+    slow_model.decode_delay = 0.1
+    status, answer = client.json("POST", f"/v1/sessions/{sid}/refine", {"object": "sarcoma", "slice": 23,
+                                                                        "box": [60, 60, 98, 104]})
+    assert status == 202
+    end = time.monotonic() + 30
+    while client.json("GET", f"/v1/jobs/{answer['job_id']}")[1]["state"] == "queued":
+        assert time.monotonic() < end
+        time.sleep(0.02)
+    client.json("DELETE", f"/v1/jobs/{answer['job_id']}")
+    job = client.wait(answer["job_id"], timeout=60)
+    assert job["state"] == "cancelled" and session.engine.record is before
+    slow_model.decode_delay = 0.0
+
+
+def test_a_refine_keeps_the_mesh_and_closed_sessions_take_no_more_work(client):
+    sid = client.upload(_example_bytes())[1]["session_id"]
+    status, answer = client.json("POST", f"/v1/sessions/{sid}/segment", {"prompts": SHORT, "mesh": True})
+    first = client.wait(answer["job_id"])
+    record = client.json("GET", f"/v1/jobs/{first['job_id']}/record")[1]
+    assert record["objects"][0]["mesh"] is not None
+    status, answer = client.json("POST", f"/v1/sessions/{sid}/refine", {"object": 1, "slice": 23,
+                                                                        "box": [58, 58, 99, 108]})
+    refined = client.wait(answer["job_id"])
+    assert refined["state"] == "done", refined
+    record = client.json("GET", f"/v1/jobs/{refined['job_id']}/record")[1]
+    assert record["objects"][0]["mesh"] is not None and record["objects"][0]["mesh"]["triangles"] > 0
+    status, answer = client.json("POST", f"/v1/sessions/{sid}/refine", {"object": 1, "slice": 23, "mesh": False,
+                                                                        "box": [58, 58, 99, 108]})
+    record = client.json("GET", f"/v1/jobs/{client.wait(answer['job_id'])['job_id']}/record")[1]
+    assert record["objects"][0]["mesh"] is None
+    # a session closing between finding a job and writing its files: 404, nothing written
+    store = client_store(client)
+    job, session = store.job(refined["job_id"])
+    session.closed = True
+    try:
+        assert client.request("GET", f"/v1/jobs/{job.job_id}/labels")[0] == 404
+        assert client.request("GET", f"/v1/jobs/{job.job_id}/mesh")[0] == 404
+        assert not [p for p in session.folder.iterdir() if p.name.startswith(job.job_id)]
+    finally:
+        session.closed = False
+    # a job attached to a session deleted meanwhile is refused; a queued one is cancelled with it
+    from medsam3d.server.jobs import Job, NotFoundError
+
+    store.delete(sid)
+    with pytest.raises(NotFoundError):
+        store.add_job(session, Job(sid, "segment", lambda progress: None))
+    assert session.closed and not session.folder.exists()
+
+
+def test_cancelled_queued_jobs_leave_room_in_the_queue(tmp_path):
+    model = SlowThreshold()
+    with serving(ServerSettings(max_queue=1, workdir=tmp_path), model) as client:
+        sid = client.upload(_example_bytes())[1]["session_id"]
+        model.delay = 0.3
+        running = client.segment(sid, PROMPTS, wait=False)
+        end = time.monotonic() + 30
+        while client.json("GET", f"/v1/jobs/{running}")[1]["state"] != "running":
+            assert time.monotonic() < end
+            time.sleep(0.05)
+        queued = client.segment(sid, SHORT, wait=False)
+        assert client.json("POST", f"/v1/sessions/{sid}/segment", {"prompts": SHORT})[0] == 429
+        assert client.json("DELETE", f"/v1/jobs/{queued}")[1]["state"] == "cancelled"
+        again = client.segment(sid, SHORT, wait=False)  # the cancelled one no longer counts
+        client.json("DELETE", f"/v1/jobs/{running}")
+        model.delay = 0.0
+        assert client.wait(again)["state"] == "done"
+        assert client.app.state.runner.waiting() == 0
 
 
 def test_sessions_are_bounded_and_idle_ones_expire_with_their_files(tmp_path):
@@ -440,6 +648,7 @@ def _serve_args(argv: list[str]) -> argparse.Namespace:
     (["--host", "0.0.0.0", "--token", TOKEN], "expected TLS"),
     (["--host", "::", "--token", TOKEN, "--ssl-keyfile", "key.pem"], "both --ssl-keyfile and --ssl-certfile"),
     (["--token", "   "], "printable characters"),
+    (["--token", "t\u00f6ken-0123456789abcdef"], "ASCII"),
 ])
 def test_serve_refuses_to_start_unsafely(argv, message, capsys):
     from medsam3d.cli.serve import _cmd_serve

@@ -51,9 +51,29 @@ def test_a_refine_is_a_fresh_segmentation_of_the_new_prompts_without_new_encodin
     assert replaced.labels.array.any() and inner.encoded == before
 
 
+def test_refined_prompts_segment_nothing_and_are_what_refine_segments():
+    volume, prompts = _ball()
+    inner = ThresholdModel()
+    session = m3.Session(volume, model=inner, window="percentile", zoom=None)
+    session.segment(prompts)
+    before, objects = inner.encoded, list(session.objects)
+    hits = session.model.hits
+    refined = session.refined_prompts("ball", slice=9, box=[15, 15, 29, 25])
+    assert inner.encoded == before and session.model.hits == hits  # the engine did not run
+    assert session.objects == objects  # the session is unchanged
+    assert [b.slice for b in refined[0].boxes] == [12, 9]
+    record = session.run(refined)  # one pass: the record of the refined prompts
+    assert record.object("ball").voxels == int((session.refine("ball", slice=9, box=[15, 15, 29, 25]).labels.array
+                                                == 1).sum())
+    assert session.objects == refined
+    with pytest.raises(m3.PromptError, match="'ball' \\(label 1\\)"):
+        session.refined_prompts("kidney", slice=9, box=[15, 15, 29, 25])
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda s: s.refine("ball", slice=9, box=[15, 15, 29, 25]), "call segment\\(\\) first"),
     (lambda s: s.run(), "call segment\\(\\) first"),
+    (lambda s: s.refined_prompts("ball", slice=9, box=[15, 15, 29, 25]), "call segment\\(\\) first"),
 ])
 def test_a_session_without_prompts_says_what_to_do(call, message):
     volume, _ = _ball()

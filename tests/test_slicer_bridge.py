@@ -200,6 +200,11 @@ def test_volume_file_for_upload(scene, tmp_path, grid):
     np.testing.assert_allclose(matrix, affine(grid), atol=1e-9)
     assert node.GetStorageNode() is storage_before  # the node's own storage is left alone
     assert scene.GetNodesByClass("vtkMRMLVolumeArchetypeStorageNode").GetNumberOfItems() == 0
+    # uncompressed (written on the GUI thread: no gzip), unless asked
+    assert b"encoding: raw" in path.read_bytes()[:1000]
+    zipped = Path(bridge.write_volume_file(node, str(tmp_path / "zipped.nrrd"), compress=True))
+    assert b"encoding: gzip" in zipped.read_bytes()[:1000]
+    assert np.array_equal(_read_nrrd(zipped)[0], array)
 
 
 def test_volume_file_read_by_medsam3d(scene, tmp_path):
@@ -211,6 +216,20 @@ def test_volume_file_read_by_medsam3d(scene, tmp_path):
                         "print(json.dumps({'affine': v.affine.tolist(), 'array': v.array.tolist()}))")
     np.testing.assert_allclose(seen["affine"], affine("oblique"), atol=1e-6)
     assert np.array_equal(np.array(seen["array"]), array)
+
+
+def test_dicom_modality_from_the_instance_uids(scene, monkeypatch):
+    """The modality of a volume Slicer loaded from DICOM: its ``DICOM.instanceUIDs`` attribute, looked
+    up in the DICOM database (a real Slicer's, checked by the module's self-test); slicer-core has no
+    DICOM database, so here: no database, no attribute -> None."""
+    node = add_volume(scene, np.zeros((4, 4, 3), np.int16), np.eye(4))
+    assert bridge.dicom_modality(node) is None
+    node.SetAttribute("DICOM.instanceUIDs", "1.2.840.1 1.2.840.2 1.2.840.3")
+    assert not hasattr(slicer, "dicomDatabase") or slicer.dicomDatabase is None
+    assert bridge.dicom_modality(node) is None  # no DICOM database here
+    node.RemoveAttribute("DICOM.instanceUIDs")
+    node.SetAttribute("DICOM.Modality", "CT")  # not what Slicer's DICOM plugins set on a volume: ignored
+    assert bridge.dicom_modality(node) is None
 
 
 def test_nonlinear_transform_refused(scene):
@@ -335,9 +354,25 @@ def test_refine_box_on_the_current_slice(scene):
     slice_to_ras[:3, 3] = (matrix @ [10, 10, 15, 1])[:3]
     view.GetSliceToRAS().DeepCopy(bridge.array_to_matrix(slice_to_ras))
     view.UpdateMatrices()
+    # the ROI (drawn flat around slice 12) does not reach slice 15: refused, not moved there
+    lo, hi = _voxel_box_by_hand(bridge.roi_corners_ras(roi, node), matrix, shape)
+    assert lo[2] <= 12 <= hi[2] and hi[2] < 15
+    with pytest.raises(ValueError, match=r"expected the ROI 'lesion' to reach the slice shown in 'Red' \(k = 15\)"):
+        bridge.refine_box(roi, node, view)
+    roi.SetCenter(*(matrix @ [20, 18, 15, 1])[:3])  # moved onto the slice shown
     k, box = bridge.refine_box(roi, node, view)
     lo, hi = _voxel_box_by_hand(bridge.roi_corners_ras(roi, node), matrix, shape)
     assert k == 15 and box == [lo[0], lo[1], hi[0], hi[1]]
+    # a ROI with depth reaches every slice of its range, and no other
+    roi.SetCenter(*(matrix @ [20, 18, 13, 1])[:3])
+    roi.SetSize(9.0, 7.0, 8.0)
+    lo, hi = _voxel_box_by_hand(bridge.roi_corners_ras(roi, node), matrix, shape)
+    assert lo[2] <= 15 <= hi[2]
+    assert bridge.refine_box(roi, node, view)[0] == 15
+    roi.SetCenter(*(matrix @ [20, 18, 3, 1])[:3])
+    with pytest.raises(ValueError, match="found it on slices"):
+        bridge.refine_box(roi, node, view)
+    roi.SetSize(9.0, 7.0, 0.0)
     # a view across the slices (a sagittal cut of this volume) is refused with the remedy
     slice_to_ras[:3, :3] = slice_to_ras[:3, [1, 2, 0]]
     view.GetSliceToRAS().DeepCopy(bridge.array_to_matrix(slice_to_ras))

@@ -5,10 +5,13 @@
   bound to them, every file the CMake lists name, the icons, ``requirements.txt``;
 * its import hygiene: nothing installed and no torch or medsam3d imported when the module is
   imported (top-level statements), the vendored HTTP client in the standard library only;
-* the parts that run outside Slicer: the install plan (medsam3d into Slicer's Python, keeping
-  Slicer's numpy, VTK and SimpleITK), the ROI-to-voxel-box rule against medsam3d's own, the
-  in-process backend on the self-test's phantom, and the client against a real ``medsam3d
-  serve`` over loopback.
+* the parts that run outside Slicer: the install plan (medsam3d into Slicer's Python, every
+  installed package pinned), the ROI-to-voxel-box rule against medsam3d's own, the
+  in-process backend on the self-test's phantom, the client against a real ``medsam3d
+  serve`` over loopback and against plain HTTP servers (redirects, the token over ``http://``).
+
+The Widget's and Logic's Qt code runs only inside Slicer: its self-test (``MedSAM3DTest``) is
+run there; faking Slicer here would test the fake.
 
 The MRML side (the bridge against Slicer's real classes) is ``tests/test_slicer_bridge.py``.
 """
@@ -169,6 +172,7 @@ def test_ui_parses_with_the_expected_widgets():
         "modelComboBox": "QComboBox", "deviceComboBox": "QComboBox", "checkpointPathLineEdit": "ctkPathLineEdit",
         "medsam3dSourcePathLineEdit": "ctkPathLineEdit", "serverUrlLineEdit": "QLineEdit",
         "serverTokenLineEdit": "QLineEdit", "checkServerButton": "QPushButton", "fastCheckBox": "QCheckBox",
+        "allowInsecureHttpCheckBox": "QCheckBox",
         "outputSegmentationSelector": "qMRMLNodeComboBox", "outputTableSelector": "qMRMLNodeComboBox",
         "showSurfaceCheckBox": "QCheckBox", "applyButton": "QPushButton", "refineButton": "QPushButton",
         "cancelButton": "QPushButton", "progressBar": "QProgressBar", "statusLabel": "QLabel",
@@ -178,6 +182,9 @@ def test_ui_parses_with_the_expected_widgets():
         assert widgets.get(name) == cls, f"{UI.name}: expected {name} as {cls}, found {widgets.get(name)}"
     token = ui_widgets()["serverTokenLineEdit"]
     assert token.find("property[@name='echoMode']/enum").text == "QLineEdit::Password"
+    insecure = ui_widgets()["allowInsecureHttpCheckBox"]  # opt-in, unticked, not bound to the scene
+    assert insecure.find("property[@name='checked']/bool").text == "false"
+    assert insecure.find("property[@name='SlicerParameterName']") is None
     # the node selectors get the scene
     receivers = {c.findtext("receiver") for c in root.iter("connection")
                  if c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"}
@@ -298,17 +305,26 @@ def _fake_wheel(path: Path, requires: list[str]) -> Path:
 
 
 SLICER_5_12 = {"numpy": "2.2.6", "vtk": "", "SimpleITK": "2.5.0"}  # Slicer's VTK: importable, no pip metadata
+#: what a Slicer's Python has installed (pip metadata; its VTK has none)
+SLICER_5_12_INSTALLED = {"numpy": "2.2.6", "SimpleITK": "2.5.0", "pydicom": "3.0.1", "Pillow": "11.2.1",
+                         "requests": "2.32.3", "packaging": "25.0", "medsam3d": "0.0.9"}
 
 
 def test_install_plan_from_the_source_folder_keeps_slicers_packages():
-    plan = install.install_plan(str(REPO), provided=SLICER_5_12)
+    plan = install.install_plan(str(REPO), provided=SLICER_5_12, installed=SLICER_5_12_INSTALLED)
     names = {install.requirement_name(r).lower() for r in plan.dependencies}
     assert "torch" in names and "nibabel" in names
     assert not names & {"numpy", "vtk", "simpleitk"}
-    assert sorted(plan.constraints) == ["SimpleITK==2.5.0", "numpy==2.2.6", "vtk<0"]
+    # every installed package pinned (medsam3d, the one being installed, left out), Slicer's VTK refused
+    assert plan.constraints == ["numpy==2.2.6", "packaging==25.0", "Pillow==11.2.1", "pydicom==3.0.1",
+                                "requests==2.32.3", "SimpleITK==2.5.0", "vtk<0"]
     assert plan.constraints_text().endswith("\n")
     text = plan.describe()
     assert str(REPO) in text and "numpy 2.2.6" in text and "vtk (Slicer build)" in text
+    # the dialog says how many are pinned and names the notable ones
+    assert "all 7 packages" in text
+    for line in ("numpy==2.2.6", "vtk<0", "SimpleITK==2.5.0", "pydicom==3.0.1", "Pillow==11.2.1", "requests==2.32.3"):
+        assert line in text
     # the requirements themselves are the project's
     import tomllib
 
@@ -322,7 +338,8 @@ def test_install_plan_from_a_wheel(tmp_path):
                          "segment-anything>=1.0; extra == \"sam\"", "simpleitk-extra; python_version >= '3.10'"])
     assert install.medsam3d_requirements(str(wheel)) == [
         "numpy>=1.23", "vtk>=9.3", "SimpleITK>=2.2", "scipy>=1.9", "simpleitk-extra; python_version >= '3.10'"]
-    plan = install.install_plan(str(wheel), provided={"numpy": "1.26.4", "vtk": None, "SimpleITK": "2.4.1"})
+    plan = install.install_plan(str(wheel), provided={"numpy": "1.26.4", "vtk": None, "SimpleITK": "2.4.1"},
+                                installed={"numpy": "1.26.4", "SimpleITK": "2.4.1"})
     assert plan.dependencies == ["vtk>=9.3", "scipy>=1.9", "simpleitk-extra; python_version >= '3.10'"]
     assert plan.constraints == ["numpy==1.26.4", "SimpleITK==2.4.1"]  # absent VTK: nothing to protect
 
@@ -337,6 +354,55 @@ def test_install_refuses_what_is_not_medsam3d(tmp_path):
     (tmp_path / "proj" / "pyproject.toml").write_text('[project]\nname = "other"\ndependencies = []\n')
     with pytest.raises(install.InstallError, match="medsam3d project"):
         install.medsam3d_requirements(str(tmp_path / "proj"))
+
+
+def test_constraints_pin_every_distribution_of_this_python(tmp_path):
+    """The constraints of the running Python (this venv stands in for Slicer's): one line per
+    installed distribution, each satisfied by the installed version, and pip reads the file
+    and keeps everything as it is (offline: --no-index --dry-run)."""
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    dists = {}
+    for dist in importlib.metadata.distributions():
+        dists.setdefault(canonicalize_name(dist.metadata["Name"]), dist.version)
+    lines = install.constraint_lines(install.installed_versions(), install.provided_versions())
+    by_name = {canonicalize_name(Requirement(line).name): Requirement(line) for line in lines}
+    assert len(by_name) == len(lines)
+    assert set(by_name) == set(dists) - {"medsam3d"}
+    for name, requirement in by_name.items():
+        assert requirement.specifier.contains(dists[name], prereleases=True), (requirement, dists[name])
+    for notable in ("numpy", "scipy", "pillow", "requests", "pydicom", "simpleitk", "vtk"):
+        assert notable in by_name, notable  # medsam3d's own dependencies: all here
+    plan = install.install_plan(str(REPO))
+    assert plan.constraints == lines and f"all {len(lines)} packages" in plan.describe()
+
+    # pip reads the whole file, and the pins bite: a newer tqdm on offer (a local wheel) is taken without
+    # the constraints and refused with them
+    if subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True).returncode != 0:
+        pytest.skip("no pip in this Python")
+    constraints = tmp_path / "constraints.txt"
+    constraints.write_text(plan.constraints_text())
+    offer = tmp_path / "wheels"
+    offer.mkdir()
+    with zipfile.ZipFile(offer / "tqdm-999.0-py3-none-any.whl", "w") as wheel:
+        wheel.writestr("tqdm-999.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: tqdm\nVersion: 999.0\n")
+        wheel.writestr("tqdm-999.0.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                                      "Tag: py3-none-any\n")
+        wheel.writestr("tqdm-999.0.dist-info/RECORD", "")
+    pip = [sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "--find-links", str(offer),
+           "--disable-pip-version-check", "--upgrade"]
+    free = subprocess.run(pip + ["tqdm"], capture_output=True, text=True, timeout=120)
+    assert free.returncode == 0 and "Would install tqdm-999.0" in free.stdout, free.stdout + free.stderr
+    kept = subprocess.run(pip + ["-c", str(constraints), "tqdm", "numpy", "scipy"], capture_output=True, text=True,
+                          timeout=120)
+    assert kept.returncode == 0, kept.stderr[-2000:]
+    assert "Would install" not in kept.stdout, kept.stdout
+    conflict = subprocess.run(pip + ["-c", str(constraints), "tqdm>=999"], capture_output=True, text=True,
+                              timeout=120)
+    assert conflict.returncode != 0 and "tqdm" in conflict.stderr  # pip stops, loudly
 
 
 def test_provided_versions_here():
@@ -438,6 +504,50 @@ def test_in_process_backend_segments_and_refines():
         backend.segment(prompts, {"speed": 1}, backends.Progress())
 
 
+def test_in_process_refine_runs_the_engine_once(monkeypatch):
+    """A refine is one engine pass (the prompts refined without segmenting, then one run_case), and
+    the session's prompts follow the finished runs only (not a failed or cancelled one)."""
+    import medsam3d.pipeline
+    from synthetic import ThresholdModel
+
+    array, matrix, prompts, _ = _phantom_prompts()
+    backend = backends.InProcessBackend()
+    backend._model = ThresholdModel()
+    backend.open("phantom", array, matrix)
+    passes = []
+    real = medsam3d.pipeline.segment
+    monkeypatch.setattr(medsam3d.pipeline, "segment", lambda *a, **k: passes.append(1) or real(*a, **k))
+    backend.segment(prompts, {"taper": 1.5}, backends.Progress())
+    assert len(passes) == 1 and [o.name for o in backend.session.objects] == ["ellipsoid"]
+    first = backend.session.objects
+
+    outcome = backend.refine("ellipsoid", 20, [30, 35, 66, 61], backends.Progress())
+    assert len(passes) == 2  # one more pass, not two
+    boxes = backend.session.objects[0].boxes
+    assert any(b.slice == 20 and tuple(b.box) == (30, 35, 66, 61) for b in boxes)
+    assert len(boxes) == len(first[0].boxes) + 1
+    resolved = outcome.record["prompts"]["resolved"][0]["boxes"]
+    assert any(b.get("slice") == 20 and list(b["box"]) == [30, 35, 66, 61] for b in resolved)
+    assert outcome.record["settings"]["taper"] == 1.5  # the segment's options are re-used
+    labels = outcome.labels[0]
+    assert int((labels == 1).sum()) == outcome.record["objects"][0]["voxels"]
+
+    refined = backend.session.objects
+    cancelled = backends.Progress()
+    cancelled.cancel()
+    with pytest.raises(backends.Cancelled):
+        backend.refine("ellipsoid", 18, [30, 35, 66, 61], cancelled)
+    assert backend.session.objects == refined  # a cancelled refine leaves the prompts as they were
+    with pytest.raises(backends.Cancelled):
+        backend.segment({"version": 1, "objects": [{"name": "other", "slice": 20, "box": [1, 1, 9, 9]}]}, None,
+                        cancelled)
+    assert backend.session.objects == refined and backend._options == {"taper": 1.5}
+    from medsam3d.errors import PromptError
+
+    with pytest.raises(PromptError, match="'ellipsoid'"):
+        backend.refine("kidney", 20, [30, 35, 66, 61], backends.Progress())
+
+
 @pytest.mark.slow
 def test_in_process_litemedsam_on_the_phantom():
     """What the Slicer self-test checks in-process (test_MedSAM3DInProcess), with the real model:
@@ -459,6 +569,120 @@ def test_client_refuses_bad_input():
         c.create_session(b"", "volume.mha")
     with pytest.raises(client.ConnectionFailed, match="could not reach"):
         c.health()  # port 9 (discard) is closed on loopback
+
+
+@contextlib.contextmanager
+def http_server(host, answer):
+    """A real HTTP server (http.server in a thread) on ``host``; ``answer(handler)`` answers every
+    request; yields ``(url, seen)``, ``seen`` the requests' (method, path, headers)."""
+    import http.server
+
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _any(self):
+            seen.append((self.command, self.path, dict(self.headers)))
+            length = int(self.headers.get("Content-Length") or 0)
+            if length:
+                self.rfile.read(length)
+            answer(self)
+
+        do_GET = do_POST = do_DELETE = _any
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer((host, 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://{host}:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def _json_answer(handler, status=200, body=b'{"status": "ok"}'):
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+def test_client_does_not_follow_redirects_with_the_token(status):
+    """A server that redirects (to another server, here a second local one) gets a Redirected
+    error back; the token never reaches the redirect's target."""
+    with http_server("127.0.0.1", _json_answer) as (target, target_seen):
+        def redirect(handler):
+            handler.send_response(status)
+            handler.send_header("Location", target + handler.path)
+            handler.send_header("Content-Length", "0")
+            handler.end_headers()
+
+        with http_server("127.0.0.1", redirect) as (url, seen):
+            c = client.Client(url, token=TOKEN)
+            with pytest.raises(client.Redirected) as redirected:
+                c.health()
+            assert redirected.value.status == status and redirected.value.location == target + "/health"
+            assert "does not follow redirects" in str(redirected.value) and TOKEN not in str(redirected.value)
+            assert isinstance(redirected.value, client.ServerError)
+            with pytest.raises(client.Redirected):
+                c.segment("sid", {"version": 1, "objects": []})
+            assert [m for m, _, _ in seen] == ["GET", "POST"]
+            assert seen[0][2].get("Authorization") == f"Bearer {TOKEN}"
+            assert target_seen == []  # nothing, and no token, went to the redirect's target
+            # what the client guards against: urllib's default opener follows with the header
+            import urllib.request
+
+            plain = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+            plain.open(urllib.request.Request(url + "/health", headers={"Authorization": "Bearer x"}), timeout=10)
+            assert target_seen and target_seen[0][2].get("Authorization") == "Bearer x"
+
+
+def _own_address():
+    """A non-loopback IPv4 address of this machine (a UDP connect sends nothing), or None."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.connect(("192.0.2.1", 9))  # TEST-NET-1: only the route is looked up
+            address = sock.getsockname()[0]
+    except OSError:
+        return None
+    return None if address.startswith("127.") or address == "0.0.0.0" else address
+
+
+def test_client_refuses_a_token_over_plain_http_beyond_this_machine(monkeypatch):
+    """http:// with a token: loopback only, unless allowed explicitly; https:// and no token are fine."""
+    for variable in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.delenv("MEDSAM3D_TOKEN", raising=False)
+    with pytest.raises(client.InsecureTransport, match="Allow insecure HTTP"):
+        client.Client("http://192.0.2.1:8000", token=TOKEN)
+    with pytest.raises(client.InsecureTransport):
+        client.Client("gpu-host.example:8000", token=TOKEN)  # no scheme: http://
+    monkeypatch.setenv("MEDSAM3D_TOKEN", TOKEN)  # the token from the environment counts too
+    with pytest.raises(client.InsecureTransport):
+        client.Client("http://192.0.2.1:8000")
+    monkeypatch.delenv("MEDSAM3D_TOKEN")
+    client.Client("https://192.0.2.1:8000", token=TOKEN)
+    client.Client("http://192.0.2.1:8000")  # no token: nothing to leak
+    for loopback in ("http://127.0.0.1:8000", "http://localhost:8000", "http://[::1]:8000", "http://127.1.2.3:8"):
+        client.Client(loopback, token=TOKEN)
+    with pytest.raises(client.InsecureTransport):
+        backends.ServerBackend("http://192.0.2.1:8000", TOKEN)
+    backends.ServerBackend("http://192.0.2.1:8000", TOKEN, allow_insecure_http=True)
+
+    address = _own_address()
+    if address is None:
+        pytest.skip("this machine has no non-loopback IPv4 address to serve on")
+    with http_server(address, _json_answer) as (url, seen):
+        with pytest.raises(client.InsecureTransport):
+            client.Client(url, token=TOKEN).health()
+        assert seen == []  # refused before anything was sent
+        assert client.Client(url, token=TOKEN, allow_insecure_http=True).health() == {"status": "ok"}
+        assert seen[0][2].get("Authorization") == f"Bearer {TOKEN}"  # the user's explicit choice
 
 
 def _server_parts():

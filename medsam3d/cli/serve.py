@@ -44,6 +44,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-mb", type=_positive_int, default=512, metavar="N",
                    help="each session's embedding cache in MB (default 512; all sessions: N x --max-sessions)")
     p.add_argument("--max-queue", type=_positive_int, default=8, metavar="N", help="jobs waiting at most (8)")
+    p.add_argument("--upload-timeout", type=_non_negative_float, default=30.0, metavar="S",
+                   help="refuse an upload (408) whose bytes stop coming for S seconds (default 30)")
     p.add_argument("--model", default="litemedsam", help="litemedsam (default, bundled), medsam, sam-vit-b/l/h")
     p.add_argument("--checkpoint", type=Path, help="weights file (required for medsam and sam-*)")
     p.add_argument("--trust-checkpoint", action="store_true",
@@ -69,6 +71,9 @@ def settings_from_args(args: argparse.Namespace):
         if not token or any(c.isspace() for c in token) or not token.isprintable():
             raise Medsam3dError("expected a token of printable characters without spaces, found an empty or "
                                 "blank one; write one with: python -c \"import secrets; print(secrets.token_urlsafe(32))\"")
+        if not token.isascii():
+            raise Medsam3dError("expected a token of ASCII characters (an HTTP header carries no others), found "
+                                "others; write one with: python -c \"import secrets; print(secrets.token_urlsafe(32))\"")
     tls = (args.ssl_keyfile, args.ssl_certfile)
     if any(tls) and not all(tls):
         raise Medsam3dError("expected both --ssl-keyfile and --ssl-certfile for TLS, found only one")
@@ -89,7 +94,8 @@ def settings_from_args(args: argparse.Namespace):
     return ServerSettings(
         host=args.host, port=args.port, token=token, max_upload_mb=args.max_upload_mb,
         max_unzipped_mb=args.max_unzipped_mb, max_voxels=args.max_voxels, max_sessions=args.max_sessions,
-        session_ttl_s=args.session_ttl, cache_mb=args.cache_mb, max_queue=args.max_queue, model_name=args.model,
+        session_ttl_s=args.session_ttl, cache_mb=args.cache_mb, max_queue=args.max_queue,
+        upload_idle_s=args.upload_timeout, model_name=args.model,
         checkpoint=str(args.checkpoint) if args.checkpoint else None, device=args.device,
         trust_checkpoint=args.trust_checkpoint, threads=args.threads)
 

@@ -32,8 +32,10 @@ class ServerSettings:
     voxels; at most ``max_sessions`` sessions are open, each idle one closes after
     ``session_ttl_s`` seconds (its files deleted); each session's embedding cache holds at most
     ``cache_mb`` MB; at most ``max_queue`` jobs wait for the worker; each session keeps the
-    results of its last ``keep_jobs`` jobs. ``token``: the bearer token every route but
-    ``/health`` and ``/openapi.json`` then requires (required beyond loopback: see
+    results of its last ``keep_jobs`` jobs; an upload whose body pauses for more than
+    ``upload_idle_s`` seconds is refused (408) and its slot given back. ``token`` (printable
+    ASCII): the bearer token every route but ``/health`` and ``/openapi.json`` then requires
+    (required beyond loopback: see
     :func:`medsam3d.cli.serve.settings_from_args`). ``workdir``: the folder the server's own
     temporary folder is made in (default: the system's). The model (``model_name``,
     ``checkpoint``, ``device``, ``trust_checkpoint``, ``threads``) comes from the command line
@@ -53,6 +55,7 @@ class ServerSettings:
     max_queue: int = 8
     keep_jobs: int = 8
     max_json_kb: int = 1024
+    upload_idle_s: float = 30.0
     model_name: str = "litemedsam"
     checkpoint: str | None = None
     device: str = "auto"

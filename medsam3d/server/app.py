@@ -5,8 +5,10 @@ when the server has a token): ``POST /v1/sessions`` (the raw bytes of a volume) 
 ``GET``/``DELETE /v1/sessions/{sid}``; ``POST /v1/sessions/{sid}/segment`` and ``/refine`` ->
 a job; ``GET /v1/jobs/{jid}`` (polling), ``/events`` (server-sent events), ``DELETE`` (cancel),
 ``/record``, ``/labels``, ``/mesh``. Errors are ``{"detail": "<one line>"}`` with a 4xx status
-(400 bad input, 401 token, 404 unknown id, 409 not finished, 413 too large, 422 bad prompt or
-body, 429 too many, 503 busy); a 5xx is a bug. The guide's server page has the details.
+(400 bad input, 401 token, 404 unknown id, 408 upload stalled, 409 not finished, 413 too large,
+422 bad prompt or body, 429 too many, 503 busy); a 5xx is a bug. The token is checked before a
+request's body is read or parsed. An error never shows the server's temporary folder: paths in
+it read ``<upload>``. The guide's server page has the details.
 
 The request log holds methods, route templates (``/v1/sessions/{sid}``), statuses and times;
 the server's own lines hold session and job ids, shapes and timings: never a file name, a
@@ -19,6 +21,8 @@ import asyncio
 import hmac
 import json
 import logging
+import math
+import os
 import re
 import time
 from contextlib import asynccontextmanager
@@ -33,7 +37,7 @@ require("uvicorn", "the medsam3d server", extra="server")
 import fastapi  # noqa: E402 - after the one-line message of a missing extra
 from fastapi import Depends, Header, Query, Request  # noqa: E402
 from fastapi.exceptions import RequestValidationError  # noqa: E402
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse  # noqa: E402
+from fastapi.responses import JSONResponse, Response, StreamingResponse  # noqa: E402
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer  # noqa: E402
 from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
 from starlette.concurrency import run_in_threadpool  # noqa: E402
@@ -43,7 +47,7 @@ from starlette.requests import ClientDisconnect  # noqa: E402
 from . import ServerSettings, is_loopback  # noqa: E402
 from .jobs import FINAL_STATES, Job, JobRunner, JobStateError, NotFoundError, ServerBusyError, ServerLimitError  # noqa: E402,E501
 from .sessions import ServerSession, SessionStore  # noqa: E402
-from .uploads import UploadTooLarge, load_upload, upload_suffix  # noqa: E402
+from .uploads import UploadTimeout, UploadTooLarge, load_upload, upload_suffix  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +67,9 @@ class RequestError(Medsam3dError, ValueError):
     """A request whose body or query is not what the route takes (HTTP 422)."""
 
 
-_STATUS = ((UploadTooLarge, 413), (ServerLimitError, 429), (ServerBusyError, 503), (NotFoundError, 404),
-           (JobStateError, 409), (PromptError, 422), (RequestError, 422), (VolumeIOError, 400), (GeometryError, 400))
+_STATUS = ((UploadTooLarge, 413), (UploadTimeout, 408), (ServerLimitError, 429), (ServerBusyError, 503),
+           (NotFoundError, 404), (JobStateError, 409), (PromptError, 422), (RequestError, 422), (VolumeIOError, 400),
+           (GeometryError, 400))
 
 
 def status_of(exc: Medsam3dError) -> int:
@@ -78,9 +83,10 @@ def status_of(exc: Medsam3dError) -> int:
 class EngineOptions(BaseModel):
     """The engine's options a client may set (the model and its checkpoint are the server's)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     fast: bool = Field(False, description="the speed preset (CLI --fast)")
-    taper: float | None = Field(None, ge=0, description="end-slice taper power (default 2; 0: off)")
+    taper: float | None = Field(None, ge=0, le=10, allow_inf_nan=False,
+                                description="end-slice taper power (default 2; 0: off; at most 10)")
     zoom: bool = Field(True, description="encode a crop around the prompts (false: whole slices)")
     stride: int | None = Field(None, ge=1, le=64, description="encode every N-th slice first")
     window: str | None = Field(None, max_length=64, description="CT preset, LEVEL,WIDTH, percentile or roi")
@@ -90,7 +96,7 @@ class EngineOptions(BaseModel):
 class SegmentRequest(BaseModel):
     """Prompts (a medsam3d prompt document, version 1 or 2), engine options, and whether to mesh."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     prompts: Union[dict[str, Any], list[Any]]
     options: EngineOptions = Field(default_factory=EngineOptions)
     mesh: bool = False
@@ -99,11 +105,12 @@ class SegmentRequest(BaseModel):
 class RefineRequest(BaseModel):
     """A box on one slice of an existing object (name or label), replacing its box there or added."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     object: Union[int, str]
     slice: int = Field(ge=0)
     box: list[int] = Field(min_length=4, max_length=4)
     replace: bool = True
+    mesh: bool | None = Field(None, description="surface properties in the record (default: the segmentation's)")
 
 
 def create_app(settings: ServerSettings | None = None, *, model=None):
@@ -119,6 +126,9 @@ def create_app(settings: ServerSettings | None = None, *, model=None):
     from .. import __version__
 
     settings = settings or ServerSettings()
+    if settings.token is not None and not (settings.token.isascii() and settings.token.isprintable()):
+        raise Medsam3dError("expected a token of printable ASCII characters, found other characters; write one with: "
+                            "python -c \"import secrets; print(secrets.token_urlsafe(32))\"")
     if model is None:
         from ..models import load_model, set_threads
 
@@ -136,7 +146,14 @@ def create_app(settings: ServerSettings | None = None, *, model=None):
         except NotFoundError:
             pass
 
-    runner = JobRunner(max_queue=settings.max_queue, on_finish=finished)
+    hidden = re.compile("|".join(re.escape(p) for p in sorted({str(store.root), os.path.realpath(store.root)},
+                                                               key=len, reverse=True)) + r"""[^\s'"(),;]*""")
+
+    def scrub(text: str) -> str:
+        """``text`` with every path inside the server's temporary folder replaced by ``<upload>``."""
+        return hidden.sub("<upload>", text)
+
+    runner = JobRunner(max_queue=settings.max_queue, on_finish=finished, scrub=scrub)
 
     def shutdown() -> None:
         runner.close()
@@ -162,7 +179,7 @@ def create_app(settings: ServerSettings | None = None, *, model=None):
     # --- errors: one line each -------------------------------------------------------------
     @app.exception_handler(Medsam3dError)
     async def _medsam3d_error(_request, exc: Medsam3dError):
-        return JSONResponse({"detail": _one_line(str(exc))}, status_code=status_of(exc))
+        return JSONResponse({"detail": scrub(_one_line(str(exc)))}, status_code=status_of(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request, exc: RequestValidationError):
@@ -170,12 +187,12 @@ def create_app(settings: ServerSettings | None = None, *, model=None):
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
         where = ".".join(str(p) for p in first.get("loc", ()) if not _TYPE_TAG.match(str(p))) or "request"
         more = f" ({len(errors) - 1} more)" if len(errors) > 1 else ""
-        return JSONResponse({"detail": _one_line(f"expected a valid {where}, found: {first.get('msg')}{more}")},
-                            status_code=422)
+        detail = f"expected a valid {where}, found: {first.get('msg')}{more}"
+        return JSONResponse({"detail": scrub(_one_line(detail))}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request, exc: StarletteHTTPException):
-        return JSONResponse({"detail": _one_line(str(exc.detail))}, status_code=exc.status_code,
+        return JSONResponse({"detail": scrub(_one_line(str(exc.detail)))}, status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
@@ -186,15 +203,15 @@ def create_app(settings: ServerSettings | None = None, *, model=None):
 
     app.add_middleware(_Guard, settings=settings)
 
-    # --- auth ------------------------------------------------------------------------------
-    token = settings.token.encode("utf-8") if settings.token else None
+    # --- auth (checked first by _Guard, before any body is read; again here for the schema) ---
+    token = settings.token.encode("ascii") if settings.token else None
 
     bearer = HTTPBearer(auto_error=False, description="the server's token (--token-file)")
 
     def authorized(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
         if token is None:
             return
-        given = credentials.credentials.encode("utf-8") if credentials is not None else b""
+        given = credentials.credentials.encode("latin-1", "replace") if credentials is not None else b""
         if not hmac.compare_digest(given, token):
             raise fastapi.HTTPException(401, "expected the header Authorization: Bearer <token>, found none or a "
                                              "wrong token", headers={"WWW-Authenticate": "Bearer"})
@@ -227,11 +244,11 @@ def create_app(settings: ServerSettings | None = None, *, model=None):
         t0 = time.perf_counter()
         try:
             path = folder / f"upload{suffix}"
-            size = await _receive(request, path, limit, ClientDisconnect)
+            size = await _receive(request, path, limit, ClientDisconnect, settings.upload_idle_s)
             volume = await run_in_threadpool(
                 load_upload, path, suffix, series_uid=series_uid, max_voxels=settings.max_voxels,
                 max_unzipped_bytes=settings.max_unzipped_mb << 20, max_zip_files=settings.max_zip_files)
-            session = store.open(folder, volume)
+            session = store.open(folder, volume, input_name=f"upload{suffix}")
         except BaseException:
             store.release(folder)
             raise
@@ -261,13 +278,15 @@ def create_app(settings: ServerSettings | None = None, *, model=None):
 
         session = store.get(sid)
         options = _engine_options(body.options)
+        _check_finite(body.prompts)
         prompts_from(body.prompts, session.volume)  # a bad prompt: 422 now, not a failed job later
         prompts, mesh = body.prompts, body.mesh
 
         def work(progress):
-            return session.engine.segment(prompts, progress=progress, mesh=mesh, options=options)
+            return session.engine.segment(prompts, progress=progress, mesh=mesh, options=options, check=job.check)
 
-        return _submit(session, Job(session.id, "segment", work))
+        job = Job(session.id, "segment", work)
+        return _submit(session, job)
 
     @v1.post("/sessions/{sid}/refine", status_code=202)
     def refine(sid: str, body: RefineRequest) -> JSONResponse:
@@ -277,7 +296,7 @@ def create_app(settings: ServerSettings | None = None, *, model=None):
         session = store.get(sid)
         parse_prompts({"version": 1, "objects": [{"name": "refine", "slice": body.slice, "box": body.box}]},
                       session.volume)  # a box outside the slice: 422 now
-        pending = any(not j.final and j.kind == "segment" for j in session.jobs)
+        pending = any(not j.final and j.kind == "segment" for j in store.jobs_of(session))
         if not pending:  # else the segmentation before it decides (the job fails with one line)
             known = session.engine.objects
             if not known:
@@ -286,16 +305,24 @@ def create_app(settings: ServerSettings | None = None, *, model=None):
             if not any(body.object in (o.label, o.name) for o in known):
                 names = ", ".join(f"{o.name!r} (label {o.label})" for o in known)
                 raise PromptError(f"expected an object of this session ({names}), found {body.object!r}")
-        obj, k, box, replace = body.object, body.slice, list(body.box), body.replace
+        obj, k, box, replace, mesh = body.object, body.slice, list(body.box), body.replace, body.mesh
 
         def work(progress):
-            return session.engine.refine(obj, slice=k, box=box, replace=replace, progress=progress)
+            return session.engine.refine(obj, slice=k, box=box, replace=replace, progress=progress, mesh=mesh,
+                                         check=job.check)
 
-        return _submit(session, Job(session.id, "refine", work))
+        job = Job(session.id, "refine", work)
+        return _submit(session, job)
 
     def _submit(session: ServerSession, job: Job) -> JSONResponse:
-        runner.submit(job)
+        """Attach the job to its session (404 if it closed meanwhile), then queue it: a session deleted
+        from now on cancels it."""
         store.add_job(session, job)
+        try:
+            runner.submit(job)
+        except BaseException:
+            store.remove_job(session, job)
+            raise
         return JSONResponse({"job_id": job.job_id}, status_code=202)
 
     @v1.get("/jobs/{jid}")
@@ -345,7 +372,7 @@ def create_app(settings: ServerSettings | None = None, *, model=None):
         return JSONResponse(_result(job).to_dict())
 
     @v1.get("/jobs/{jid}/labels")
-    def job_labels(jid: str, format: str = Query("seg.nrrd")) -> FileResponse:
+    def job_labels(jid: str, format: str = Query("seg.nrrd")) -> StreamingResponse:
         """The label map on the session volume's grid, as a Slicer .seg.nrrd or a NIfTI .nii.gz."""
         from ..io import save
 
@@ -355,13 +382,14 @@ def create_app(settings: ServerSettings | None = None, *, model=None):
         record = _result(job)
         path = session.folder / f"{job.job_id}-labels.{format}"
         with session.lock:
+            _open_session(session)
             if not path.exists():
                 save(record.labels, path, reference=session.volume)
                 job.files[f"labels.{format}"] = path
-        return FileResponse(path, media_type="application/octet-stream", filename=f"labels.{format}")
+            return _file(path, f"labels.{format}")
 
     @v1.get("/jobs/{jid}/mesh")
-    def job_mesh(jid: str, label: int | None = Query(None, ge=1), format: str = Query("stl")) -> FileResponse:
+    def job_mesh(jid: str, label: int | None = Query(None, ge=1), format: str = Query("stl")) -> StreamingResponse:
         """One object's surface in RAS mm (STL or VTP); ``label`` default: the first object's."""
         from ..mesh import label_mesh, write_mesh
 
@@ -377,13 +405,50 @@ def create_app(settings: ServerSettings | None = None, *, model=None):
             raise RequestError(f"expected a segmented object, found label {value} empty: it has no surface")
         path = session.folder / f"{job.job_id}-mesh{value}.{format}"
         with session.lock:
+            _open_session(session)
             if not path.exists():
                 write_mesh(label_mesh(record.labels, value), path, label=value)
                 job.files[f"mesh{value}.{format}"] = path
-        return FileResponse(path, media_type="application/octet-stream", filename=f"label{value}.{format}")
+            return _file(path, f"label{value}.{format}")
 
     app.include_router(v1)
     return app
+
+
+def _open_session(session: ServerSession) -> None:
+    """404 when the session was deleted or expired (call under its lock: nothing is written into it then)."""
+    if session.closed:
+        raise NotFoundError("expected a job of an open session, found its session deleted or expired; open one "
+                            "with POST /v1/sessions")
+
+
+def _file(path: Path, filename: str) -> StreamingResponse:
+    """The file at ``path`` as a download, opened now (under the session's lock): deleting the session
+    afterwards does not cut the answer short."""
+    handle = open(path, "rb")
+    size = os.fstat(handle.fileno()).st_size
+
+    def chunks():
+        with handle:
+            while chunk := handle.read(1 << 20):
+                yield chunk
+
+    return StreamingResponse(chunks(), media_type="application/octet-stream",
+                             headers={"Content-Length": str(size),
+                                      "Content-Disposition": f'attachment; filename="{filename}"'})
+
+
+def _check_finite(value: Any) -> None:
+    """422 when a JSON value holds NaN or an infinity (Python's JSON reader accepts them)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            raise RequestError(f"expected finite numbers in the prompts, found {item}")
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 def _result(job: Job):
@@ -424,13 +489,21 @@ def _engine_options(options) -> dict[str, Any]:
     return out
 
 
-async def _receive(request, path: Path, limit: int, disconnect: type[Exception]) -> int:
-    """Stream the request's body into ``path`` (a new file), stopping at ``limit`` bytes (413)."""
+async def _receive(request, path: Path, limit: int, disconnect: type[Exception], idle_s: float) -> int:
+    """Stream the request's body into ``path`` (a new file), stopping at ``limit`` bytes (413), or when
+    no byte came for ``idle_s`` seconds (408)."""
     size = 0
     try:
         with open(path, "xb") as out:
-            stream = request.stream()
-            async for chunk in stream:
+            stream = request.stream().__aiter__()
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(stream.__anext__(), idle_s)
+                except StopAsyncIteration:
+                    break
+                except asyncio.TimeoutError:
+                    raise UploadTimeout(f"expected the upload's bytes to keep coming, found none for {idle_s:g} s "
+                                        f"(after {size >> 20} MB); send it again") from None
                 size += len(chunk)
                 if size > limit:  # the middleware reads and drops what follows (see _Guard)
                     raise UploadTooLarge(f"expected an upload of at most {limit >> 20} MB, found more; start the "
@@ -461,7 +534,12 @@ def _one_line(text: str) -> str:
 
 
 class _Guard:
-    """ASGI middleware: the Host check of a server without a token, the body size limits, the request log.
+    """ASGI middleware: the token, the Host check of a server without a token, the body size limits,
+    the request log.
+
+    With a token, a request to ``/v1/...`` without ``Authorization: Bearer TOKEN`` (compared in
+    constant time) gets 401 here, before its body is read or parsed: an unauthenticated client
+    learns nothing from validation errors.
 
     A server without a token answers only requests addressed to a loopback name (127.0.0.1,
     localhost, ::1): a web page a browser on this machine shows cannot reach it through a name
@@ -476,6 +554,7 @@ class _Guard:
     def __init__(self, app, *, settings: ServerSettings):
         self.app = app
         self.settings = settings
+        self.token = settings.token.encode("ascii") if settings.token else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -528,13 +607,19 @@ class _Guard:
             log.info("%s %s %d %.0f ms", scope["method"], path, status["code"],
                      1000 * (time.perf_counter() - t0))
 
-    def _refusal(self, scope, headers: dict[str, str]) -> tuple[int, str] | None:
+    def _refusal(self, scope, headers: dict[str, str]) -> tuple[int, str, dict[str, str] | None] | None:
+        """(status, one line, headers) of a request refused before it reaches a route, or None."""
+        if self.token is not None and (scope["path"] == "/v1" or scope["path"].startswith("/v1/")):
+            scheme, _, given = headers.get("authorization", "").strip().partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode("latin-1"), self.token):
+                return (401, "expected the header Authorization: Bearer <token>, found none or a wrong token",
+                        {"WWW-Authenticate": "Bearer"})
         if self.settings.token is None:
             host = headers.get("host", "")
             name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
             if host and not is_loopback(name):
-                return 400, ("expected a request to a loopback name (127.0.0.1, localhost, ::1), found another Host; "
-                             "a server reached by other names needs a token (--token-file)")
+                return (400, "expected a request to a loopback name (127.0.0.1, localhost, ::1), found another Host; "
+                             "a server reached by other names needs a token (--token-file)", None)
         length = headers.get("content-length")
         if length is not None:
             upload = scope["method"] == "POST" and scope["path"].rstrip("/") == "/v1/sessions"
@@ -542,10 +627,10 @@ class _Guard:
             try:
                 size = int(length)
             except ValueError:
-                return 400, "expected a whole number as Content-Length, found another value"
+                return 400, "expected a whole number as Content-Length, found another value", None
             if size > limit:
                 what = f"an upload of at most {limit >> 20} MB" if upload else f"a body of at most {limit >> 10} kB"
-                return 413, f"expected {what}, found Content-Length {size}; start the server with larger limits"
+                return 413, f"expected {what}, found Content-Length {size}; start the server with larger limits", None
         return None
 
 
@@ -564,8 +649,10 @@ async def _drain(receive) -> None:
             return
 
 
-async def _answer(send, status: int, detail: str) -> None:
+async def _answer(send, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
     body = json.dumps({"detail": detail}).encode()
+    extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *extra]})
     await send({"type": "http.response.body", "body": body})

@@ -5,8 +5,12 @@ segmentations at once, so jobs queue (at most ``max_queue`` waiting: a further o
 with 429). A job reports ``progress`` ``(done, total, message)`` each time the engine reports
 it (after each encoded batch of slices). Cancelling a queued job ends it at once; cancelling a
 running one sets a flag that the next progress report turns into a private exception, which
-the engine lets through and the worker records as ``cancelled``: the session keeps its
-previous prompts and results, and the embeddings encoded so far stay in its cache.
+the engine lets through and the worker records as ``cancelled``. The flag is also checked
+(:meth:`Job.check`) before the engine starts and after it returns, before the session takes
+the results: a job cancelled while the engine fused, measured or meshed (stages that report no
+progress) publishes nothing and ends ``cancelled``. The session keeps its previous prompts and
+results, and the embeddings encoded so far stay in its cache. Only jobs still queued count
+against ``max_queue`` (a cancelled one waiting in the queue does not).
 """
 
 from __future__ import annotations
@@ -94,6 +98,15 @@ class Job:
             raise _Cancelled()
         self._set(done=int(done), total=int(total), message=str(message))
 
+    def check(self) -> None:
+        """Stop here (a private exception the worker records as ``cancelled``) when the job is cancelled."""
+        if self._cancel.is_set():
+            raise _Cancelled()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
     def cancel(self) -> None:
         """Ask the job to stop: at once when queued, at the engine's next progress report when running."""
         self._cancel.set()
@@ -106,10 +119,12 @@ class Job:
 class JobRunner:
     """The worker thread and its bounded queue (see the module docstring)."""
 
-    def __init__(self, *, max_queue: int, on_finish: Callable[[Job], None] | None = None):
+    def __init__(self, *, max_queue: int, on_finish: Callable[[Job], None] | None = None,
+                 scrub: Callable[[str], str] | None = None):
         self.max_queue = int(max_queue)
         self._queue: queue.Queue[Job | None] = queue.Queue()
-        self._waiting = 0
+        self._queued: dict[str, Job] = {}  # in the queue, not yet taken by the worker
+        self._scrub = scrub or (lambda text: text)
         self._lock = threading.Lock()
         self._closed = False
         self._on_finish = on_finish
@@ -121,17 +136,21 @@ class JobRunner:
         with self._lock:
             if self._closed:
                 raise ServerBusyError("expected a running server, found it shutting down; try again later")
-            if self._waiting >= self.max_queue:
+            if self._count_waiting() >= self.max_queue:
                 raise ServerLimitError(f"expected at most {self.max_queue} jobs waiting, found the queue full; "
                                        "try again when a job has finished")
-            self._waiting += 1
+            self._queued[job.job_id] = job
         self._queue.put(job)
         log.info("job %s queued (%s, session %s)", job.job_id, job.kind, job.session_id)
         return job
 
     def waiting(self) -> int:
+        """The jobs waiting for the worker (queued and not cancelled)."""
         with self._lock:
-            return self._waiting
+            return self._count_waiting()
+
+    def _count_waiting(self) -> int:
+        return sum(1 for job in self._queued.values() if not job.final)
 
     def _run(self) -> None:
         while True:
@@ -139,7 +158,7 @@ class JobRunner:
             if job is None:
                 return
             with self._lock:
-                self._waiting -= 1
+                self._queued.pop(job.job_id, None)
             with job._lock:
                 if job.state != "queued":  # cancelled while it waited
                     continue
@@ -153,7 +172,8 @@ class JobRunner:
                 job._set(state="cancelled", message="cancelled", seconds=time.perf_counter() - t0)
                 log.info("job %s cancelled after %.1f s", job.job_id, time.perf_counter() - t0)
             except Medsam3dError as exc:
-                job._set(state="failed", error=_one_line(str(exc)), message="failed", seconds=time.perf_counter() - t0)
+                job._set(state="failed", error=self._scrub(_one_line(str(exc))), message="failed",
+                         seconds=time.perf_counter() - t0)
                 log.info("job %s failed after %.1f s (%s)", job.job_id, time.perf_counter() - t0, type(exc).__name__)
             except Exception as exc:  # a bug: keep serving, say so
                 log.exception("job %s: internal error", job.job_id)

@@ -7,11 +7,19 @@ entries, their total uncompressed size, and their names (an absolute path, a dri
 a ``..`` part refuses the whole archive, so do symbolic links and encrypted entries). Its files
 are then unpacked flat under numbered names, with the bytes actually written counted against
 the sizes the directory claims. The voxel count a header states is checked before the voxels
-are read (NIfTI, NRRD, a DICOM series' rows x columns x frames), and again once loaded.
+are read (NIfTI, NRRD, MetaImage, MGH, a DICOM series' rows x columns x frames), and again once
+loaded.
+
+An upload is one file: nothing it names is read. A detached header (``.nhdr``, ``.mhd``,
+``.hdr``/``.img``) is refused by its suffix, and a NRRD whose header has a data file field
+(``data file:``, ``datafile:``, a LIST or a pattern) or a MetaImage whose ``ElementDataFile``
+is not ``LOCAL`` is refused before any reader opens it: those name another file, which the
+reader would open on the server's disk.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import stat
 import zipfile
@@ -24,10 +32,18 @@ log = logging.getLogger(__name__)
 
 #: the suffixes an upload may have (a single file holding one volume, or a zip of one DICOM series)
 UPLOAD_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mgz", ".mgh", ".zip")
+#: the suffixes of a header whose voxels are in another file: never uploadable (one file per upload)
+DETACHED_SUFFIXES = (".nhdr", ".mhd", ".hdr", ".img", ".hdr.gz", ".img.gz", ".raw", ".zraw")
+#: the most bytes of a NRRD or MetaImage text header read (a longer one is refused)
+MAX_HEADER_BYTES = 1 << 20
 
 
 class UploadTooLarge(VolumeIOError):
     """An upload over one of the server's size limits (bytes, unpacked bytes, files, voxels): HTTP 413."""
+
+
+class UploadTimeout(VolumeIOError):
+    """An upload whose body stopped coming for longer than the server waits: HTTP 408."""
 
 
 def upload_suffix(filename: str | None) -> str:
@@ -43,6 +59,10 @@ def upload_suffix(filename: str | None) -> str:
     for suffix in UPLOAD_SUFFIXES:
         if name.endswith(suffix):
             return suffix
+    for suffix in DETACHED_SUFFIXES:
+        if name.endswith(suffix):
+            raise VolumeIOError(f"expected a volume in one file, found a detached header or data file ({suffix}); "
+                                "convert it to .nrrd, .mha or .nii.gz first (e.g. medsam3d convert)")
     raise VolumeIOError(f"expected an X-Filename ending in {', '.join(UPLOAD_SUFFIXES)}, found a name ending in "
                         f"'{Path(name).suffix or name[-12:]}'; a DICOM series is uploaded as one .zip")
 
@@ -127,7 +147,7 @@ def load_upload(path: Path, suffix: str, *, series_uid: str | None = None, max_v
         if series_uid is not None:
             raise VolumeIOError("expected series_uid only with a zipped DICOM series, found a single-volume file; "
                                 "drop series_uid")
-        _check_header_claim(path, suffix, max_voxels)
+        _check_header_claim(path, suffix, max_voxels)  # also refuses a header naming another file
         volume = load(path)
     _check_voxels(int(volume.array.size), max_voxels)
     return volume
@@ -140,28 +160,91 @@ def _check_voxels(count: int, max_voxels: int) -> None:
 
 
 def _check_header_claim(path: Path, suffix: str, max_voxels: int) -> None:
-    """The voxel count a NIfTI or NRRD header states, checked before the voxels are read."""
+    """The voxel count a NIfTI, NRRD, MetaImage or MGH header states, checked before the voxels are
+    read; a NRRD or MetaImage header that names a data file of its own is refused (see the module
+    docstring)."""
     count = None
-    if suffix in (".nii", ".nii.gz"):
+    if suffix in (".nii", ".nii.gz", ".mgz", ".mgh"):
         import nibabel as nib
 
         try:
             shape = nib.load(str(path)).header.get_data_shape()
         except Exception:  # noqa: BLE001 - any unreadable header: load() says what is wrong with it
             return
-        count = 1
-        for n in shape:
-            count *= int(n)
-    elif suffix == ".nrrd":
-        from ..io._guard import nrrd_claim
+        count = _product(shape)
+    elif suffix in (".nrrd", ".mha"):
+        with open(path, "rb") as handle:
+            nrrd = handle.read(4) == b"NRRD"  # ITK picks its reader by the content as well as the name
+        if nrrd:
+            fields = _text_header(path, "NRRD")
+            if any(key.replace(" ", "") == "datafile" for key in fields):
+                raise VolumeIOError("expected a NRRD holding its own voxels, found a header naming a data file "
+                                    "(data file:); upload the volume as one file (.nrrd with attached data)")
+            from ..io._guard import nrrd_claim
 
-        claim = nrrd_claim(path)
-        if claim is not None:
-            count = 1
-            for n in claim[0]:
-                count *= max(int(n), 0)
+            claim = nrrd_claim(path)
+            if claim is not None:
+                count = _product(max(int(n), 0) for n in claim[0])
+        else:
+            fields = _text_header(path, "MetaImage")
+            data_file = fields.get("elementdatafile")
+            if data_file is not None and data_file.upper() != "LOCAL":
+                raise VolumeIOError("expected a MetaImage holding its own voxels (ElementDataFile = LOCAL), found a "
+                                    "header naming another file; upload the volume as one .mha file")
+            try:
+                sizes = [int(v) for v in fields.get("dimsize", "").split()]
+                channels = int((fields.get("elementnumberofchannels") or "1").split()[0])
+            except (ValueError, IndexError):
+                sizes, channels = [], 1
+            if sizes:
+                count = _product(max(n, 0) for n in sizes) * max(channels, 1)
     if count is not None:
         _check_voxels(count, max_voxels)
+
+
+def _product(values) -> int:
+    out = 1
+    for n in values:
+        out *= int(n)
+    return out
+
+
+def _text_header(path: Path, kind: str) -> dict[str, str]:
+    """The fields of a NRRD (``key: value``, to its blank line) or MetaImage (``Key = Value``, to
+    ``ElementDataFile``, which ends it) text header: keys lower-cased, values stripped, the first of
+    a repeated key kept; a header over :data:`MAX_HEADER_BYTES` is refused."""
+    fields: dict[str, str] = {}
+    read = 0
+    with open(path, "rb") as handle:
+        for n in itertools.count():
+            raw = handle.readline(MAX_HEADER_BYTES + 1 - read)
+            if not raw:
+                break
+            read += len(raw)
+            if read > MAX_HEADER_BYTES:
+                raise VolumeIOError(f"expected a {kind} header of at most {MAX_HEADER_BYTES >> 20} MB, found a longer "
+                                    "one; check the file")
+            line = raw.decode("latin-1").rstrip("\r\n")
+            if kind == "NRRD":
+                if n == 0:
+                    continue  # the magic (NRRD000X): the reader checks it
+                if not line.strip():
+                    break  # the end of the header: the data follows
+                if line.startswith("#"):
+                    continue
+                key, sep, value = line.partition(":")
+                if not sep:
+                    continue
+                key = key.strip().lower()
+            else:
+                key, sep, value = line.partition("=")
+                if not sep:
+                    continue
+                key = key.strip().lower()
+            fields.setdefault(key, value.lstrip("=").strip())  # a NRRD key:=value pair keeps its key
+            if kind != "NRRD" and key == "elementdatafile":
+                break  # the data follows it
+    return fields
 
 
 def _check_dicom_claim(folder: Path, series_uid: str | None, max_voxels: int) -> None:

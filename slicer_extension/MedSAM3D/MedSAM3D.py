@@ -31,7 +31,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from MedSAM3DLib import bridge
-from MedSAM3DLib.backends import Cancelled, InProcessBackend, Progress, ServerBackend
+from MedSAM3DLib.backends import MODALITIES, Cancelled, InProcessBackend, Progress, ServerBackend
 
 MODES = ["In-process", "Server"]
 MODELS = ["litemedsam", "medsam", "sam-vit-b", "sam-vit-l", "sam-vit-h"]
@@ -154,7 +154,16 @@ class MedSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
 
     def onSceneStartClose(self, caller, event) -> None:
-        self.onCancelButton()
+        """Detach a running task (its result would land in the closed scene's nodes): cancel it,
+        forget it, stop polling; the logic closes the server session on its worker thread, after
+        the cancelled run, so no HTTP request blocks the GUI here."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+        if self._timer is not None:
+            self._timer.stop()
+        self.ui.progressBar.hide()
+        self.ui.statusLabel.text = ""
         self.logic.close()
         self.setParameterNode(None)
 
@@ -231,12 +240,14 @@ class MedSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for key, value in values.items():
             settings.setValue(SETTINGS + key, value)
         values["token"] = self.ui.serverTokenLineEdit.text.strip() or None
+        values["allowInsecureHttp"] = bool(self.ui.allowInsecureHttpCheckBox.checked)  # not saved: opt in each time
         return values
 
     def onCheckServerButton(self) -> None:
         with slicer.util.tryWithErrorDisplay("Could not reach the medsam3d server.", waitCursor=True):
             s = self._settings()
-            health = ServerBackend(s["serverUrl"], s["token"]).health()
+            backend = ServerBackend(s["serverUrl"], s["token"], allow_insecure_http=s["allowInsecureHttp"])
+            health = backend.health()
             model = health.get("model") or {}
             self.ui.statusLabel.text = (f"Server: medsam3d {health.get('medsam3d_version')}, model {model.get('name')} "
                                         f"on {model.get('device')}, {health.get('sessions')}/{health.get('max_sessions')}"
@@ -248,7 +259,7 @@ class MedSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         s = self._settings()
         if p.mode == "Server":
-            self.logic.useServer(s["serverUrl"], s["token"])
+            self.logic.useServer(s["serverUrl"], s["token"], allowInsecureHttp=s["allowInsecureHttp"])
             return True
         from MedSAM3DLib import install
 
@@ -273,14 +284,19 @@ class MedSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
             p = self._parameterNode
             rois = list(self.ui.roiSelector.checkedNodes())
-            task = self.logic.startSegment(p.inputVolume, rois, options={"fast": p.fast or None})
+            segmentation, table = self._outputs()
+            # the task keeps the nodes chosen now: the result goes there, whatever is selected when it arrives
+            task = self.logic.startSegment(p.inputVolume, rois, options={"fast": p.fast or None},
+                                           segmentationNode=segmentation, tableNode=table)
             self._watch(task)
 
     def onRefineButton(self) -> None:
         with slicer.util.tryWithErrorDisplay("MedSAM3D could not refine.", waitCursor=True):
             roi = self.ui.roiSelector.currentNode()
             sliceNode = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
-            task = self.logic.startRefine(self._parameterNode.inputVolume, roi, sliceNode, objectName=roi.GetName())
+            segmentation, table = self._outputs()
+            task = self.logic.startRefine(self._parameterNode.inputVolume, roi, sliceNode, objectName=roi.GetName(),
+                                          segmentationNode=segmentation, tableNode=table)
             self._watch(task)
 
     def onCancelButton(self) -> None:
@@ -325,9 +341,13 @@ class MedSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(f"MedSAM3D failed: {exc}")
         else:
             with slicer.util.tryWithErrorDisplay("Could not show the result.", waitCursor=True):
-                segmentation, table = self._outputs()
+                # the volume and outputs the run was started with, not the ones selected now
+                segmentation, table = task.segmentationNode, task.tableNode
+                if not self.logic.inScene(segmentation) or not self.logic.inScene(table):
+                    segmentation, table = self._outputs()
                 p = self._parameterNode
-                self.logic.applyOutcome(outcome, p.inputVolume, segmentation, table, showSurface=p.showSurface)
+                showSurface = p.showSurface if p else True
+                self.logic.applyOutcome(outcome, task.volumeNode, segmentation, table, showSurface=showSurface)
                 self.ui.resultsTableView.setMRMLTableNode(table)
                 objects = outcome.record.get("objects", [])
                 self.ui.statusLabel.text = "Done: " + ", ".join(
@@ -340,10 +360,15 @@ class MedSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 #
 class Task:
     """A run on the logic's worker thread: ``progress`` (thread-safe), ``cancel()``, ``done()``,
-    ``result()`` (the :class:`~MedSAM3DLib.backends.Outcome`, or the run's exception)."""
+    ``result()`` (the :class:`~MedSAM3DLib.backends.Outcome`, or the run's exception).
 
-    def __init__(self, future, progress: Progress):
+    ``volumeNode`` is the volume the run segments and ``segmentationNode``/``tableNode`` the
+    outputs chosen when it started (None when the caller chose none): the result is applied to
+    these, even if the selection changed while the run went on."""
+
+    def __init__(self, future, progress: Progress, volumeNode=None, segmentationNode=None, tableNode=None):
         self.future, self.progress = future, progress
+        self.volumeNode, self.segmentationNode, self.tableNode = volumeNode, segmentationNode, tableNode
 
     def cancel(self) -> None:
         self.progress.cancel()
@@ -378,8 +403,11 @@ class MedSAM3DLogic(ScriptedLoadableModuleLogic):
     def useInProcess(self, model: str = "litemedsam", device: str = "auto", checkpoint=None) -> None:
         self._useBackend(("in-process", model, device, checkpoint), lambda: InProcessBackend(model, device, checkpoint))
 
-    def useServer(self, url: str, token=None) -> None:
-        self._useBackend(("server", url, token), lambda: ServerBackend(url, token))
+    def useServer(self, url: str, token=None, allowInsecureHttp: bool = False) -> None:
+        """A ``medsam3d serve`` server; with a token, ``http://`` to another machine is refused unless
+        ``allowInsecureHttp`` (the token would travel in clear text)."""
+        self._useBackend(("server", url, token, bool(allowInsecureHttp)),
+                         lambda: ServerBackend(url, token, allow_insecure_http=allowInsecureHttp))
 
     def _useBackend(self, config, make) -> None:
         if self.backend is not None and config == self._backendConfig:
@@ -388,16 +416,31 @@ class MedSAM3DLogic(ScriptedLoadableModuleLogic):
         self.backend, self._backendConfig = make(), config
 
     def close(self) -> None:
-        """Close the backend's session (a server frees its files) and stop the worker."""
-        if self.backend is not None:
-            try:
-                self.backend.close()
-            except Exception:  # noqa: BLE001 - closing must not fail a scene close
-                logging.exception("MedSAM3D: closing the backend failed")
-        self.backend, self._backendConfig, self._lastVolumeKey = None, None, None
-        if self._executor is not None:
-            self._executor.shutdown(wait=False)
-            self._executor = None
+        """Forget the backend and stop the worker, without blocking: the backend's session is closed
+        (a server frees its files: an HTTP request) on the worker thread, after the run in progress
+        (cancel it first, or it runs to its end), then the worker ends."""
+        backend, executor = self.backend, self._executor
+        self.backend, self._backendConfig, self._lastVolumeKey, self._executor = None, None, None, None
+        if backend is not None:
+            if executor is not None:
+                executor.submit(self._closeBackend, backend)
+            else:  # nothing ever ran: no session was opened, closing sends nothing
+                self._closeBackend(backend)
+        if executor is not None:
+            executor.shutdown(wait=False)
+
+    @staticmethod
+    def _closeBackend(backend) -> None:
+        try:
+            backend.close()
+        except Exception:  # noqa: BLE001 - closing must not fail a scene close
+            logging.exception("MedSAM3D: closing the backend failed")
+
+    @staticmethod
+    def inScene(node) -> bool:
+        """True when ``node`` is still in its scene (not removed, the scene not closed)."""
+        scene = node.GetScene() if node is not None else None
+        return bool(scene is not None and scene.IsNodePresent(node))
 
     def canRefine(self) -> bool:
         return self.backend is not None and self._lastVolumeKey is not None
@@ -407,14 +450,14 @@ class MedSAM3DLogic(ScriptedLoadableModuleLogic):
         return slicer.modules.segmentations.logic()
 
     # ------------------------------------------------------------------ runs
-    def _submit(self, work) -> Task:
+    def _submit(self, work, volumeNode=None, segmentationNode=None, tableNode=None) -> Task:
         from concurrent.futures import ThreadPoolExecutor
 
         if self._executor is None:
             # one persistent worker: torch's per-thread caches stay warm between runs
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="MedSAM3D")
         progress = Progress()
-        return Task(self._executor.submit(work, progress), progress)
+        return Task(self._executor.submit(work, progress), progress, volumeNode, segmentationNode, tableNode)
 
     @staticmethod
     def volumeKey(volumeNode):
@@ -436,14 +479,21 @@ class MedSAM3DLogic(ScriptedLoadableModuleLogic):
             if self._tempDir is None:
                 self._tempDir = tempfile.TemporaryDirectory(prefix="MedSAM3D-")
             path = os.path.join(self._tempDir.name, "volume.nrrd")
-            bridge.write_volume_file(volumeNode, path)
+            bridge.write_volume_file(volumeNode, path, compress=False)  # on the GUI thread: no gzip
             return lambda: self.backend.open(key, path)
         raise ValueError("expected a backend, found none; call useInProcess() or useServer() first")
 
-    def startSegment(self, volumeNode, roiNodes, options=None) -> Task:
-        """Segment the objects the ROIs outline (one object per ROI name) -> a running :class:`Task`."""
+    def startSegment(self, volumeNode, roiNodes, options=None, segmentationNode=None, tableNode=None) -> Task:
+        """Segment the objects the ROIs outline (one object per ROI name) -> a running :class:`Task`
+        that keeps ``volumeNode`` and the output nodes (see :class:`Task`)."""
         prompts = bridge.prompts_from_rois(roiNodes, volumeNode)
         logging.info(f"MedSAM3D prompts: {prompts}")
+        options = dict(options or {})
+        if isinstance(self.backend, ServerBackend) and not options.get("modality"):
+            # in-process, the modality travels in the volume's meta; a server gets the file, without it
+            modality = bridge.dicom_modality(volumeNode)
+            if modality in MODALITIES:
+                options["modality"] = modality
         open_session = self._openWork(volumeNode)
         backend = self.backend
         self._lastVolumeKey = None
@@ -451,24 +501,32 @@ class MedSAM3DLogic(ScriptedLoadableModuleLogic):
         def work(progress):
             open_session()
             outcome = backend.segment(prompts, options, progress)
-            self._lastVolumeKey = backend.key
+            if self.backend is backend:  # not closed meanwhile (scene closed, another backend chosen)
+                self._lastVolumeKey = backend.key
             return outcome
 
-        return self._submit(work)
+        return self._submit(work, volumeNode, segmentationNode, tableNode)
 
-    def startRefine(self, volumeNode, roiNode, sliceNode, objectName=None) -> Task:
+    def startRefine(self, volumeNode, roiNode, sliceNode, objectName=None, segmentationNode=None,
+                    tableNode=None) -> Task:
         """Add ``roiNode``'s box on the slice ``sliceNode`` shows to object ``objectName`` (the ROI's
-        name by default) and segment again -> a running :class:`Task`."""
+        name by default) and segment again -> a running :class:`Task` (keeping the nodes, see
+        :class:`Task`). Refuses a ROI that does not reach that slice."""
         if not self.canRefine() or self.volumeKey(volumeNode) != self._lastVolumeKey:
             raise ValueError("expected a segmentation of this volume to refine, found none; press Segment first")
         k, box = bridge.refine_box(roiNode, volumeNode, sliceNode)
         name = objectName or roiNode.GetName()
         logging.info(f"MedSAM3D refine: object {name!r}, slice {k}, box {box}")
         backend = self.backend
-        return self._submit(lambda progress: backend.refine(name, k, box, progress))
+        return self._submit(lambda progress: backend.refine(name, k, box, progress), volumeNode, segmentationNode,
+                            tableNode)
 
     def applyOutcome(self, outcome, volumeNode, segmentationNode, tableNode, showSurface=True) -> None:
-        """Put a finished run into the scene: segments (names, colours), the measurement table, the surface."""
+        """Put a finished run into the scene: segments (names, colours), the measurement table, the surface.
+        ``volumeNode`` is the volume the run segmented (``Task.volumeNode``)."""
+        if not self.inScene(volumeNode):
+            raise ValueError("expected the segmented volume in the scene, found it removed while the run went on; "
+                             "the result is dropped")
         if outcome.labels is not None:
             array, matrix, segments = outcome.labels
             bridge.labels_to_segmentation(array, matrix, segments, segmentationNode, self.segmentationsLogic(),
@@ -486,14 +544,15 @@ class MedSAM3DLogic(ScriptedLoadableModuleLogic):
         bridge.show_surface(segmentationNode, showSurface)
 
     def process(self, volumeNode, roiNodes, segmentationNode, tableNode, *, mode="In-process", model="litemedsam",
-                device="auto", checkpoint=None, serverUrl=None, token=None, fast=False, showSurface=True,
-                timeout=None):
+                device="auto", checkpoint=None, serverUrl=None, token=None, allowInsecureHttp=False, fast=False,
+                showSurface=True, timeout=None):
         """Segment and put the result into the scene, blocking (scripts, the self-test). Returns the record."""
         if mode == "Server":
-            self.useServer(serverUrl, token)
+            self.useServer(serverUrl, token, allowInsecureHttp=allowInsecureHttp)
         else:
             self.useInProcess(model, device, checkpoint)
-        task = self.startSegment(volumeNode, roiNodes, options={"fast": fast or None})
+        task = self.startSegment(volumeNode, roiNodes, options={"fast": fast or None},
+                                 segmentationNode=segmentationNode, tableNode=tableNode)
         waited = 0.0
         while not task.done():  # keep the GUI alive while the worker runs
             slicer.app.processEvents()
@@ -502,7 +561,7 @@ class MedSAM3DLogic(ScriptedLoadableModuleLogic):
             if timeout is not None and waited > timeout:
                 task.cancel()
         outcome = task.result()
-        self.applyOutcome(outcome, volumeNode, segmentationNode, tableNode, showSurface=showSurface)
+        self.applyOutcome(outcome, task.volumeNode, task.segmentationNode, task.tableNode, showSurface=showSurface)
         return outcome.record
 
 

@@ -22,6 +22,8 @@ from . import client as http
 
 #: the engine options the module exposes (the server's ``options`` keys, medsam3d's keyword arguments)
 OPTIONS = ("fast", "taper", "zoom", "stride", "window", "modality")
+#: the modalities medsam3d (and a server's ``options.modality``) accepts; a DICOM modality outside them is not sent
+MODALITIES = ("CT", "MR", "PT", "US")
 
 
 class Cancelled(Exception):
@@ -80,6 +82,7 @@ class InProcessBackend:
         self.session = None
         self._key = None
         self._model = None
+        self._options: Dict[str, Any] = {}  # the engine options of the last finished segment (a refine re-uses them)
 
     @property
     def key(self) -> Any:
@@ -122,19 +125,25 @@ class InProcessBackend:
 
         if self.session is None:
             raise RuntimeError("expected an open session, found none; call open() first")
-        self._options = self._engine_options(options)
-        record = self.session.run(prompts, progress=progress, **self._options)
-        # the session's current prompts, so that a refine adds to them (Session.segment would set them too)
-        self.session.objects = prompts_from(prompts, self.session.volume)
+        engine_options = self._engine_options(options)
+        objects = prompts_from(prompts, self.session.volume)  # checked before the engine starts
+        record = self.session.run(prompts, progress=progress, **engine_options)
+        # only a finished run changes the session: its current prompts (what a refine adds to, as
+        # Session.segment would set them) and the options a refine re-uses
+        self.session.objects, self._options = objects, engine_options
         return self._outcome(record)
 
     def refine(self, obj: Any, slice_index: int, box: Sequence[int], progress: Progress) -> Outcome:
+        """One engine pass: the session's prompts with the box added (``Session.refined_prompts``,
+        nothing segmented), then one ``run_case`` of them for the record and labels (the embeddings
+        are cached: a slice encoded before is not encoded again)."""
         if self.session is None or not self.session.objects:
             raise RuntimeError("expected a segmentation to refine, found none; press Segment first")
-        options = getattr(self, "_options", {})
-        self.session.refine(obj, slice=int(slice_index), box=[int(v) for v in box], progress=progress, **options)
-        # the record of the refined prompts (the embeddings are cached: no slice is encoded again)
-        return self._outcome(self.session.run(progress=progress, **options))
+        options = self._options
+        objects = self.session.refined_prompts(obj, slice=int(slice_index), box=[int(v) for v in box], replace=True)
+        record = self.session.run(objects, progress=progress, **options)
+        self.session.objects = objects  # as Session.refine leaves them; unchanged when the run fails or is cancelled
+        return self._outcome(record)
 
     def close(self) -> None:
         self.session, self._key = None, None
@@ -146,8 +155,8 @@ class ServerBackend:
 
     name = "server"
 
-    def __init__(self, url: str, token: Optional[str] = None, poll_s: float = 0.5):
-        self.client = http.Client(url, token)
+    def __init__(self, url: str, token: Optional[str] = None, poll_s: float = 0.5, allow_insecure_http: bool = False):
+        self.client = http.Client(url, token, allow_insecure_http=allow_insecure_http)
         self.poll_s = poll_s
         self.session_id: Optional[str] = None
         self.session_info: Optional[Dict[str, Any]] = None

@@ -3,7 +3,8 @@
 The one place where the module converts between MRML nodes and what medsam3d (in-process or
 behind ``medsam3d serve``) reads and returns. It uses only MRML and VTK classes reached
 through the nodes and the scene they belong to (no ``slicer.app``, ``qt`` or
-``slicer.modules``): the Segmentations module's logic is passed in as an argument. So it runs
+``slicer.modules``; ``slicer.dicomDatabase`` only when it exists, for a volume's DICOM
+modality): the Segmentations module's logic is passed in as an argument. So it runs
 unchanged in Slicer and under the PyPI package ``slicer-core`` (Slicer's MRML without Qt),
 where ``tests/test_slicer_bridge.py`` checks it against Slicer's own C++ classes.
 
@@ -107,17 +108,52 @@ def volume_from_node(volume_node) -> Tuple[np.ndarray, np.ndarray, Dict[str, Any
     """A scalar volume node -> ``(array[i, j, k], ijk_to_ras, meta)``; the array is a copy.
 
     Refuses a volume under a non-linear transform (see the module docstring); ``meta`` names
-    the node (and its DICOM modality when Slicer's DICOM module recorded it).
+    the node, and gives its DICOM modality when :func:`dicom_modality` finds it.
     """
     if volume_node is None or volume_node.GetImageData() is None:
         raise ValueError("expected a volume with voxels, found none; choose a loaded volume")
     parent_to_world(volume_node)  # refuses non-linear transforms
     array = np.ascontiguousarray(_array_kji(volume_node.GetImageData()).transpose(2, 1, 0))
     meta: Dict[str, Any] = {"source": f"slicer:{volume_node.GetName()}"}
-    modality = volume_node.GetAttribute("DICOM.Modality")
+    modality = dicom_modality(volume_node)
     if modality:
         meta["modality"] = modality
     return array, ijk_to_ras(volume_node), meta
+
+
+#: the DICOM Modality tag, as ctkDICOMDatabase names tags
+MODALITY_TAG = "0008,0060"
+
+
+def dicom_modality(volume_node, database=None) -> Optional[str]:
+    """The DICOM modality (``"CT"``, ``"MR"``...) of a volume loaded by Slicer's DICOM module, else None.
+
+    Slicer's DICOM plugins record the instances a volume came from in the node's attribute
+    ``DICOM.instanceUIDs`` (space-separated SOP instance UIDs); the modality is read from the
+    DICOM database (``slicer.dicomDatabase``, or ``database``) for the first of them. A volume
+    not loaded from DICOM, a Slicer without a DICOM database, or an instance the database no
+    longer has gives None (medsam3d then guesses the modality from the intensities).
+    """
+    uids = (volume_node.GetAttribute("DICOM.instanceUIDs") or "").split()
+    if not uids:
+        return None
+    if database is None:
+        try:
+            import slicer
+        except ImportError:
+            return None
+        database = getattr(slicer, "dicomDatabase", None)
+        if database is None:
+            return None
+    try:
+        value = database.instanceValue(uids[0], MODALITY_TAG)
+        if not value:
+            path = database.fileForInstance(uids[0])
+            value = database.fileValue(path, MODALITY_TAG) if path else ""
+    except Exception:  # noqa: BLE001 - a database without the instance (or closed) is no modality
+        return None
+    value = str(value or "").strip().upper()
+    return value or None
 
 
 def update_volume_node(volume_node, array_ijk: np.ndarray, ijk_to_ras_matrix: np.ndarray) -> None:
@@ -143,9 +179,12 @@ def _image_data(array_ijk: np.ndarray):
     return image
 
 
-def write_volume_file(volume_node, path: str, compress: bool = True) -> str:
+def write_volume_file(volume_node, path: str, compress: bool = False) -> str:
     """Write the volume with Slicer's own writer (``.nrrd`` or ``.nii``/``.nii.gz``) for an upload;
-    the node's own storage node and file name are left alone. Returns ``path``."""
+    the node's own storage node and file name are left alone. Returns ``path``.
+
+    Uncompressed by default: the file is written on Slicer's main thread, and gzip would hold
+    the GUI for seconds on a large CT for little gain on a loopback or LAN upload."""
     scene = volume_node.GetScene()
     if scene is None:
         raise ValueError("expected a volume node in a scene, found one without")
@@ -256,10 +295,19 @@ def slice_index(slice_node, volume_node) -> int:
 
 
 def refine_box(roi_node, volume_node, slice_node) -> Tuple[int, List[int]]:
-    """The ROI's box on the slice a view shows: ``(k, [i0, j0, i1, j1])`` (the refine prompt)."""
+    """The ROI's box on the slice a view shows: ``(k, [i0, j0, i1, j1])`` (the refine prompt).
+
+    Raises ValueError when the ROI does not reach that slice (its voxel box's slices ``lo..hi``
+    do not hold ``k``; a flat ROI holds the slice nearest to it): the box would otherwise be
+    put on a slice where the user never drew it."""
     k = slice_index(slice_node, volume_node)
     lo, hi = covering_voxel_box(roi_corners_ras(roi_node, volume_node), ijk_to_ras(volume_node),
                                 volume_node.GetImageData().GetDimensions())
+    if not lo[2] <= k <= hi[2]:
+        where = f"slice {lo[2]}" if lo[2] == hi[2] else f"slices {lo[2]}..{hi[2]}"
+        raise ValueError(f"expected the ROI '{roi_node.GetName()}' to reach the slice shown in "
+                         f"'{slice_node.GetName()}' (k = {k}), found it on {where}; move the ROI onto this slice, "
+                         "or show one of its slices")
     return k, [int(lo[0]), int(lo[1]), int(hi[0]), int(hi[1])]
 
 

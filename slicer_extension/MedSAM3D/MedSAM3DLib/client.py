@@ -27,6 +27,17 @@ Every error the server reports (``{"detail": "..."}`` with a 4xx or 5xx status) 
 reached raises :class:`ConnectionFailed`. The token is sent as ``Authorization: Bearer``; the
 client never logs it. Proxies from the environment are ignored for loopback addresses (a
 ``http_proxy`` would otherwise swallow ``http://127.0.0.1:...``).
+
+Where the token may go:
+
+* redirects are never followed (urllib's default handler would resend ``Authorization`` to
+  wherever a ``3xx`` points, another host included): a redirect is raised as
+  :class:`Redirected`, with the ``Location`` it names, so the user can enter that URL;
+* the token is sent over plain ``http://`` only to a loopback host (``127.0.0.1``, ``::1``,
+  ``localhost``: an SSH tunnel ends there); to any other host the client refuses
+  (:class:`InsecureTransport`) unless it was made with ``allow_insecure_http=True`` (the
+  module's "Allow insecure HTTP" box, unticked by default and not saved). ``https://`` is
+  always allowed.
 """
 
 from __future__ import annotations
@@ -64,6 +75,20 @@ class ServerError(ClientError):
         super().__init__(f"{route}: HTTP {status}: {detail}" if route else f"HTTP {status}: {detail}")
 
 
+class Redirected(ServerError):
+    """The server answered with a redirect (``3xx``), which the client does not follow (the token
+    would go along); ``location`` is where it pointed."""
+
+    def __init__(self, status: int, location: str, route: str = ""):
+        self.location = location
+        super().__init__(status, f"the server redirects to {location or '(no Location)'}; the client does not "
+                                 "follow redirects (the token would go along): enter the final URL instead", route)
+
+
+class InsecureTransport(ClientError):
+    """A token would travel in clear text (``http://`` to a host other than this machine)."""
+
+
 class JobFailed(ClientError):
     """A job ended in state ``failed``; ``job`` is its last state (``job["error"]`` says why)."""
 
@@ -89,16 +114,30 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """Raise :class:`Redirected` instead of following a redirect (with the Authorization header)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        route = urllib.parse.urlsplit(req.full_url).path
+        try:
+            fp.close()
+        except Exception:  # noqa: BLE001 - the response is dropped either way
+            pass
+        raise Redirected(code, newurl, f"{req.get_method()} {route}")
+
+
 class Client:
     """One ``medsam3d serve`` server at ``url`` (``http://host:port``), with its ``token``.
 
     ``timeout`` bounds each HTTP request (an upload of a large volume may need more: pass
     ``timeout`` to :meth:`create_session`). The token may also come from the environment
     variable ``MEDSAM3D_TOKEN`` (read when the client is made, so that it need not be stored
-    in a scene file).
+    in a scene file). With a token, a plain ``http://`` URL to a host other than this machine
+    raises :class:`InsecureTransport` unless ``allow_insecure_http`` (see the module docstring).
     """
 
-    def __init__(self, url: str, token: Optional[str] = None, timeout: float = 60.0):
+    def __init__(self, url: str, token: Optional[str] = None, timeout: float = 60.0,
+                 allow_insecure_http: bool = False):
         url = (url or "").strip()
         if "://" not in url:
             url = "http://" + url
@@ -108,7 +147,14 @@ class Client:
         self.url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
         self.token = token if token is not None else os.environ.get("MEDSAM3D_TOKEN") or None
         self.timeout = float(timeout)
-        handlers = [urllib.request.ProxyHandler({})] if _is_loopback(parts.hostname) else []
+        self.allow_insecure_http = bool(allow_insecure_http)
+        loopback = _is_loopback(parts.hostname)
+        if self.token and parts.scheme == "http" and not loopback and not self.allow_insecure_http:
+            raise InsecureTransport(
+                f"refusing to send the token in clear text to {parts.hostname} over http://; use the server's "
+                "https:// address or an SSH tunnel (ssh -L 8000:127.0.0.1:8000 host, then http://127.0.0.1:8000), "
+                "or tick 'Allow insecure HTTP' if this network is trusted")
+        handlers = [_RefuseRedirects()] + ([urllib.request.ProxyHandler({})] if loopback else [])
         self._opener = urllib.request.build_opener(*handlers)
 
     def __repr__(self) -> str:  # never the token

@@ -1,8 +1,11 @@
 """A synthetic phantom for the module's self-test: a bright ellipsoid in noise (numpy only).
 
-The self-test (``MedSAM3DTest`` in ``MedSAM3D.py``) builds it with ``slicer.util.addVolumeFromArray``
-and places a ROI around the ellipsoid; the pytest suite uses the same function, so the
-phantom the self-test segments inside Slicer is the one checked outside it.
+The self-test (``MedSAM3DTest._phantom`` in ``MedSAM3D.py``) puts it into a new scalar volume
+node with the bridge's ``update_volume_node`` (the array and its ``IJKToRAS``) and places a
+markups ROI at the returned centre and size. ``tests/test_slicer_extension.py`` calls the
+same :func:`phantom` (its voxel count against the analytic volume, and the in-process and
+server backends on it), so the phantom the self-test segments inside Slicer is the one
+checked outside it.
 """
 
 from __future__ import annotations
