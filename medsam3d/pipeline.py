@@ -49,6 +49,11 @@ class SegmentationResult:
     encoded_slices: int
     settings: dict[str, Any] = field(default_factory=dict)
     prompts: list[ObjectPrompt] = field(default_factory=list)
+    #: what the detectors proposed for the text prompts, kept or rejected with the reason (see
+    #: :func:`medsam3d.detect.resolve_text_prompts`); empty without text prompts
+    detections: list[dict[str, Any]] = field(default_factory=list)
+    #: seconds spent by the detectors on the text prompts (part of ``seconds``); None without text prompts
+    detect_seconds: float | None = None
 
 
 #: the options of :func:`segment` that :func:`medsam3d.run_case` and :class:`medsam3d.Session` pass on
@@ -158,10 +163,14 @@ def segment(volume: Volume | str | os.PathLike, prompts, *, model=None, model_na
                             f"intensities), found {modality!r}")
     modality = str(modality).strip().upper() if modality is not None else None
     objects = prompts_from(prompts, volume)
+    proposals: list[dict[str, Any]] = []
+    detect_seconds = None
     if any(o.text is not None and not o.boxes for o in objects):
         from .detect import resolve_text_prompts
 
-        objects = resolve_text_prompts(volume, objects, detector, progress=progress)
+        t_detect = time.perf_counter()
+        objects = resolve_text_prompts(volume, objects, detector, progress=progress, proposals=proposals)
+        detect_seconds = time.perf_counter() - t_detect
     image, non_finite = finite_intensities(volume)
     if model is None:
         model = load_model(model_name, checkpoint=checkpoint, device=device)
@@ -220,7 +229,7 @@ def segment(volume: Volume | str | os.PathLike, prompts, *, model=None, model_na
                                "taper": taper or None, "zoom": zoom, "crop": list(crop) if crop else None,
                                "detector": detector if isinstance(detector, str) or detector is None
                                else detector.name,
-                               "propagation": _config_dict(config)}, objects)
+                               "propagation": _config_dict(config)}, objects, proposals, detect_seconds)
 
 
 def _config_dict(config: PropagationConfig) -> dict[str, Any]:

@@ -208,7 +208,8 @@ def run_case(image: Volume | str | os.PathLike, prompts: Any, *, outputs: CaseOu
     records = object_records(result.labels, result.objects, rows)
     record = CaseRecord(
         case_id=case_id, input=describe_input(volume, image if isinstance(image, (str, os.PathLike)) else None),
-        prompts={**given, "resolved": [o.as_dict() for o in result.prompts]}, model=result.model,
+        prompts={**given, "resolved": [o.as_dict() for o in result.prompts],
+                 **({"detections": result.detections} if result.detections else {})}, model=result.model,
         window=result.window.as_dict(), settings={k: v for k, v in result.settings.items() if k != "encoded_sections"},
         objects=records, encoded={"slices": result.encoded_slices, "sections": result.settings["encoded_sections"]},
         timings={}, outputs={"labels": None, "report": None, "meshes": [], "pictures": []}, labels=result.labels,
@@ -249,6 +250,8 @@ def run_case(image: Volume | str | os.PathLike, prompts: Any, *, outputs: CaseOu
         record.timings = {"load_s": t_load - t0, "segment_s": t_seg - t_load, "measure_s": t_measure - t_seg,
                           "mesh_s": t_picture - t_mesh, "picture_s": t_write - t_picture, "write_s": end - t_write,
                           "total_s": end - t0}
+        if result.detect_seconds is not None:  # the detectors' share of segment_s
+            record.timings["detect_s"] = result.detect_seconds
         record.timings = {k: round(v, 3) for k, v in record.timings.items()}
         if outputs.report is not None:
             staged.staged(outputs.report).write_text(record.to_json() + "\n")

@@ -188,7 +188,7 @@ def batch(tmp_path_factory):
                               "MRN": MRN if patient == "P01" else "0077120",
                               "date_of_birth": DOB if patient == "P01" else "1950-02-02", "arm": "B"},
                  "image": f"/data/pacs/{folder}/ct_{case}.nii.gz",
-                 "prompts": f"file:/data/pacs/{folder}/prompts.json" if tp != "week 12" else "from:P02-T0",
+                 "prompts": f"/data/pacs/{folder}/prompts.json" if tp != "week 12" else "from:P02-T0",
                  "error": error, "stage": None if status == "done" else "load", "flags": flags, "files": files,
                  "timings": {"load_s": 1.2, "segment_s": 14.8, "total_s": 17.0} if status == "done" else {"load_s": 0.1},
                  "record": _study_record(base, case, folder, volume, flags) if status == "done" else None}
@@ -271,7 +271,7 @@ def test_report_text_is_complete_and_escaped(batch, tmp_path):
     assert HOSTILE not in html and "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in html
     assert "<script" not in html.lower()
     for needle in ("RECIST", "PR", "PD", "pr_pct = -65.7", "pd_pct = 72.8", "new: L3", "gone: L2", "L2 disappeared",
-                   "ab" * 32, "cd" * 32, "litemedsam", "file:/data/pacs/DOE_JANE/prompts.json", "ef" * 32,
+                   "ab" * 32, "cd" * 32, "litemedsam", "/data/pacs/DOE_JANE/prompts.json", "ef" * 32,
                    "wide_volume_range", "touches_border", "no record", "Look at these first"):
         assert needle in html, needle
     assert not list(tmp_path.glob(".*tmp*"))  # the atomic write left nothing behind
@@ -309,7 +309,7 @@ def test_pseudonymise_removes_identity_everywhere(batch, shared_report):
     assert study["patient_id"] == "P01" and study["case_id"] == "P01-T0"
     assert study["image"] == "<P01-T0>/image.nii.gz"
     assert study["record"]["input"]["path"] == "<P01-T0>/image.nii.gz"
-    assert study["prompts"] == "file:<P01-T0>/prompts.json"
+    assert study["prompts"] == "<P01-T0>/prompts.json"  # the prompt file as the manifest names it
     assert study["record"]["model"]["checkpoint"] == "<checkpoint>/lite_medsam.pth"
     assert study["record"]["outputs"]["labels"] == "<P01-T0>/output-1.seg.nrrd"
     assert study["metadata"] == {"arm": "B"}
@@ -318,7 +318,7 @@ def test_pseudonymise_removes_identity_everywhere(batch, shared_report):
     assert study["record"]["input"]["sha256"] == "ab" * 32 and study["files"]["overlays"][0]["path"] == \
         "P01-T0/overlay_1.png"
     assert shared["manifest"] == {"path": "<manifest>.csv", "sha256": "ef" * 32}
-    assert shared["studies"][1]["prompts"] == "file:<P01-T1>/prompts.json"  # one file, named per study
+    assert shared["studies"][1]["prompts"] == "<P01-T1>/prompts.json"  # one file, named per study
     assert shared["failures"][0]["error"].startswith("expected a readable image, found none at <P02-T1>/image.nii.gz")
     assert shared["settings"]["outdir"] == "<path>"
     assert shared["studies"][0]["timepoint"] == "2024-01-10"  # scan dates are kept (documented)

@@ -83,3 +83,12 @@ def test_segment_text_end_to_end(tmp_path):
     assert resolved["text"] == "left lung" and resolved["detector"] == "ct-anatomy (classical)"
     assert report["settings"]["detector"] == "ct-anatomy"
     assert report["objects"][0]["voxels"] > 0
+    # the report lists what the detector proposed, kept or rejected (schema 1.2)
+    from medsam3d.record import validate_report
+
+    validate_report(report)
+    (proposal,) = report["prompts"]["detections"]
+    assert proposal["kept"] and proposal["reason"] is None and proposal["name"] == "left lung"
+    assert proposal["box"] == resolved["boxes"][0]["box"] and proposal["slice"] == resolved["boxes"][0]["slice"]
+    assert proposal["detector"] == "ct-anatomy (classical)" and proposal["text"] == "left lung"
+    assert 0 <= report["timings"]["detect_s"] <= report["timings"]["segment_s"]

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("case_id", "patient_id", "timepoint", "image", "prompts")
-OPTIONAL_COLUMNS = ("series_uid", "modality", "window", "model", "checkpoint")
+OPTIONAL_COLUMNS = ("series_uid", "modality", "window", "model", "checkpoint", "detector")
 PROMPT_KINDS = ("file", "box", "rtstruct", "seg", "text", "from")
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024  # a manifest of 100,000 studies stays far below
 
@@ -105,6 +105,8 @@ class Study:
     window: str | None = None
     model: str | None = None
     checkpoint: Path | None = None
+    #: the registered detector that answers a ``text:`` prompt (None: the batch's, else ``ct-anatomy``)
+    detector: str | None = None
     metadata: dict[str, str] = field(default_factory=dict, hash=False)  # hash=False: a Study stays hashable
 
 
@@ -304,11 +306,14 @@ def _study(name: str, row: int, cells: dict[str, str], folder: Path, checked: di
         _check_window(optional["window"], where, checked)
     if optional["model"] is not None:
         _check_model(optional["model"], where, checked)
+    if optional["detector"] is not None:
+        _check_detector(optional["detector"], cells["prompts"], where, checked)
     return Study(
         row=row, case_id=case_id, patient_id=cells["patient_id"], timepoint=cells["timepoint"], order=order,
         image=_path(cells["image"], folder), prompts=_prompt_source(cells["prompts"], folder, where),
         series_uid=optional["series_uid"], modality=modality, window=optional["window"], model=optional["model"],
         checkpoint=_path(optional["checkpoint"], folder) if optional["checkpoint"] else None,
+        detector=optional["detector"].strip().lower() if optional["detector"] else None,
         metadata={k: v for k, v in cells.items() if k not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS},
     )
 
@@ -386,6 +391,20 @@ def _check_model(model: str, where: str, checked: dict[str, Any]) -> None:
     if model not in checked["models"]:
         raise ManifestError(f"{where}: expected a model among {', '.join(checked['models'])}, found {model!r}; "
                             "correct the model column (or leave it empty for the default)")
+
+
+def _check_detector(detector: str, prompts: str, where: str, checked: dict[str, Any]) -> None:
+    """A registered detector's name (never a path: weights are the batch's business), for a text or a prompt file."""
+    if "detectors" not in checked:
+        from ..detect import available_detectors
+
+        checked["detectors"] = available_detectors()
+    if detector.strip().lower() not in checked["detectors"]:
+        raise ManifestError(f"{where}: expected a detector among {', '.join(checked['detectors'])}, found "
+                            f"{detector!r}; correct the detector column (or leave it empty for ct-anatomy)")
+    if prompts.strip().lower().startswith(("from:",)) or _BOX_LIKE.match(prompts):
+        raise ManifestError(f"{where}: expected a text:WHAT or a prompt file with text objects beside the detector "
+                            f"column, found {prompts!r}; a detector answers texts (empty the detector column)")
 
 
 def _prompt_source(cell: str, folder: Path, where: str) -> PromptSource:

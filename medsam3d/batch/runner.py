@@ -386,6 +386,8 @@ def _study_key(study, base: dict[str, Any], keys: dict[str, str], spec: ModelSpe
         parts["rtstruct"] = True
     if prompts.kind == "from":
         parts["register"] = register
+    if study.detector:
+        parts["detector"] = study.detector
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -92,8 +92,15 @@ def peak_rss_mb() -> float:
 
 
 def engine_options(options: dict[str, Any], study) -> dict[str, Any]:
-    """The engine's keyword options for a study: the batch's, then the manifest row's window and modality."""
+    """The engine's keyword options for a study: the batch's, then the manifest row's window, modality
+    and detector. A ``text:`` study's detector is the row's, else the batch's, else ``ct-anatomy``
+    (weight-free); a prompt file's text objects take the row's or the batch's."""
     out = {k: v for k, v in options.items() if k != "fast"}
+    detector = getattr(study, "detector", None) or out.get("detector")
+    if detector is None and study.prompts.kind == "text":
+        detector = "ct-anatomy"
+    if detector is not None:
+        out["detector"] = detector
     if options.get("fast"):
         from ..propagate import PropagationConfig
 

@@ -131,6 +131,8 @@ def _get_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-zoom", action="store_true", help="encode whole slices (see segment --no-zoom)")
     p.add_argument("--stride", type=_positive_int, metavar="N", help="see segment --stride")
     p.add_argument("--taper", type=_non_negative_float, default=2.0, metavar="POWER", help="see segment --taper")
+    p.add_argument("--detector", metavar="NAME", help="the registered detector for text: prompts (default: the "
+                                                      "manifest's detector column, else ct-anatomy)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_batch)
 

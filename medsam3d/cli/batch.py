@@ -36,6 +36,8 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         options["zoom"] = None
     if args.stride is not None:
         options["stride"] = args.stride
+    if args.detector is not None:
+        options["detector"] = args.detector
     try:
         summary = run_batch(args.manifest, args.output, engine=args.engine, workers=args.workers,
                             ray_address=args.ray_address, force=args.force, retry_failed=args.retry_failed,

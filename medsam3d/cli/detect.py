@@ -99,9 +99,14 @@ def _cmd_detect(args: argparse.Namespace) -> int:
         if not isinstance(detections, (list, tuple)) or not all(isinstance(d, Detection) for d in detections):
             raise PromptError(f"expected detector '{detector.name}' to return a list of Detection, found "
                               f"{type(detections).__name__}")
-        if not detections:
+        for d in detections:
+            if d.rejected is not None:
+                print(f"rejected {obj['text']!r}: score {d.score:.2f}, box {list(d.box)} on slice {d.slice}: "
+                      f"{d.rejected} [{d.source}]")
+        kept = [d for d in detections if d.rejected is None]
+        if not kept:
             missing.append(obj["text"])
-        for n, d in enumerate(sorted(detections, key=lambda d: -d.score)):
+        for n, d in enumerate(sorted(kept, key=lambda d: -d.score)):
             found.append((obj["name"] if n == 0 else f"{obj['name']} {n + 1}", d))
     for name, d in found:
         z = f", slices {d.z_range[0]}-{d.z_range[1]}" if d.z_range else ""

@@ -23,7 +23,9 @@ class Detection:
     ``box``); ``z_range`` (inclusive, containing ``slice``) bounds the object when the
     detector knows its extent in k; ``mask`` (bool, the volume's shape) is the object itself
     when the detector segments; ``source`` names the detector (or its backend) that found it;
-    ``seed`` is False when the mask itself is the answer and the box no prompt for the engine.
+    ``seed`` is False when the mask itself is the answer and the box no prompt for the engine;
+    ``rejected`` (a reason) marks a proposal the detector itself turned down (see
+    :mod:`medsam3d.detect.tracks`).
     """
 
     text: str
@@ -36,6 +38,9 @@ class Detection:
     #: False: the mask is the answer (a classical result such as the bones or the fat), and its box is
     #: no prompt for the engine to propagate
     seed: bool = True
+    #: why this proposal is no object (an isolated detection, a box covering the slice...); None: kept.
+    #: Rejected detections are recorded in the report, never segmented
+    rejected: str | None = None
 
     def __post_init__(self) -> None:
         where = f"the detection of {self.text!r}"
@@ -56,6 +61,9 @@ class Detection:
                                       or self.mask.ndim != 3):
             raise DetectorError(f"expected the mask of {where} as a 3D boolean array, found "
                                 f"{type(self.mask).__name__} {getattr(self.mask, 'dtype', '')}")
+        if self.rejected is not None and (not isinstance(self.rejected, str) or not self.rejected.strip()):
+            raise DetectorError(f"expected the reason of a rejected {where} as a non-empty string (None: kept), "
+                                f"found {self.rejected!r}")
         object.__setattr__(self, "score", float(self.score))
         object.__setattr__(self, "slice", k)
         object.__setattr__(self, "box", box)
@@ -67,7 +75,8 @@ class Detector(Protocol):
     """What :func:`medsam3d.detect.resolve_text_prompts` needs from a detector.
 
     ``name`` is its registry name. ``detect`` returns every object it keeps for ``text``
-    (an empty list: none found), best first or in any order; a 2D detector chooses the slices
+    (an empty list: none found), best first or in any order, and may add the proposals it
+    turned down, each with its reason in ``rejected`` (for the report); a 2D detector chooses the slices
     it looks at itself (a stride, then around its hits) and reports them as boxes on slices,
     with a ``z_range`` when it links them across slices. ``progress(done, total, message)``
     is called as it goes when given.

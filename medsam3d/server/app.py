@@ -91,6 +91,9 @@ class EngineOptions(BaseModel):
     stride: int | None = Field(None, ge=1, le=64, description="encode every N-th slice first")
     window: str | None = Field(None, max_length=64, description="CT preset, LEVEL,WIDTH, percentile or roi")
     modality: str | None = Field(None, max_length=8, description="CT, MR, PT or US")
+    detector: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                                 description="the registered detector that answers text prompts "
+                                             "(default ct-anatomy; a name, never a path or weights)")
 
 
 class SegmentRequest(BaseModel):
@@ -279,7 +282,8 @@ def create_app(settings: ServerSettings | None = None, *, model=None):
         session = store.get(sid)
         options = _engine_options(body.options)
         _check_finite(body.prompts)
-        prompts_from(body.prompts, session.volume)  # a bad prompt: 422 now, not a failed job later
+        objects = prompts_from(body.prompts, session.volume)  # a bad prompt: 422 now, not a failed job later
+        _text_detectors(objects, options)
         prompts, mesh = body.prompts, body.mesh
 
         def work(progress):
@@ -486,7 +490,29 @@ def _engine_options(options) -> dict[str, Any]:
         if modality not in MODALITIES:
             raise RequestError(f"expected a modality among {', '.join(MODALITIES)}, found {options.modality!r}")
         out["modality"] = modality
+    if options.detector is not None:
+        out["detector"] = _registered_detector(options.detector)
     return out
+
+
+def _registered_detector(name: str) -> str:
+    """``name`` if it is a registered detector (built with the server's defaults), else a 422."""
+    from ..detect import available_detectors
+
+    names = available_detectors()
+    if name.strip().lower() not in names:
+        raise RequestError(f"expected a detector among {', '.join(names)}, found {name!r}")
+    return name.strip().lower()
+
+
+def _text_detectors(objects, options: dict[str, Any]) -> None:
+    """Text entries: their detectors must be registered names; without one, ``ct-anatomy`` answers them."""
+    texts = [o for o in objects if o.text is not None and not o.boxes]
+    for obj in texts:
+        if obj.detector is not None:
+            _registered_detector(obj.detector)
+    if texts and "detector" not in options:
+        options["detector"] = "ct-anatomy"
 
 
 async def _receive(request, path: Path, limit: int, disconnect: type[Exception], idle_s: float) -> int:
