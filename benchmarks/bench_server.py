@@ -133,6 +133,24 @@ def main(argv=None) -> int:
         served.write_bytes(api.call("GET", f"/v1/jobs/{job['job_id']}/labels?format=nii.gz"))
         rss1 = _rss_mb(server.pid)
 
+        # the same box as a 3D box (the first result's slice range as z_range), in a session of its own:
+        # the sections then stay where they are, so a refine on an encoded slice encodes nothing
+        box3d = {"version": 1, "objects": [{**prompts["objects"][0], "z_range": [lo, hi]}]}
+        sid3 = api.open()
+        t = time.perf_counter()
+        job3 = api.run(f"/v1/sessions/{sid3}/segment", {"prompts": box3d})
+        segment3_s = time.perf_counter() - t
+        before3 = api.json("GET", f"/v1/sessions/{sid3}")["cache"]
+        first3 = json.loads(api.call("GET", f"/v1/jobs/{job3['job_id']}/record"))["objects"][0]
+        encoded3 = [k for k in range(lo, hi + 1) if k not in first3["interpolated_slices"] and k != 23]
+        refine3_slice = min(encoded3, key=lambda k: (abs(k - 26), k))
+        t = time.perf_counter()
+        api.run(f"/v1/sessions/{sid3}/refine", {"object": "sarcoma", "slice": refine3_slice, "box": REFINE_BOX,
+                                                 "replace": True})
+        refine3_s = time.perf_counter() - t
+        after3 = api.json("GET", f"/v1/sessions/{sid3}")["cache"]
+        api.call("DELETE", f"/v1/sessions/{sid3}")
+
         t = time.perf_counter()
         cli_out = work / "cli.nii.gz"
         cli = [sys.executable, "-m", "medsam3d", "segment", str(IMAGE), "--prompts", str(PROMPTS), "-o", str(cli_out),
@@ -155,6 +173,9 @@ def main(argv=None) -> int:
             (f"refine (box on encoded slice {refine_slice})", refine_s, f"{after['misses'] - before['misses']} new encodings, "
                                                   f"{after['hits'] - before['hits']} cache hits"),
             ("medsam3d segment (fresh process)", cli_s, f"same labels as the server: {same}"),
+            (f"first segmentation, 3D box (z_range {lo}-{hi})", segment3_s, f"{before3['misses']} encodings"),
+            (f"refine, 3D box, box on encoded slice {refine3_slice}", refine3_s,
+             f"{after3['misses'] - before3['misses']} new encodings, {after3['hits'] - before3['hits']} cache hits"),
         ]
         for what, seconds, note in rows:
             results.add({"measure": what, "seconds": round(seconds, 2), "note": note})

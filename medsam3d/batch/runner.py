@@ -135,6 +135,7 @@ def run_batch(manifest: str | os.PathLike, outdir: str | os.PathLike, *, engine:
         run_id = store.start_run(engine=engine, workers=workers, version=__version__, manifest=str(manifest),
                                  manifest_sha256=manifest_sha, total=len(studies))
         counts = {"done": 0, "skipped": 0, "failed": 0}
+        known = FileHashes(store)
         peak = [0.0]
         keys: dict[str, str] = {}
         finished = 0
@@ -156,7 +157,8 @@ def run_batch(manifest: str | os.PathLike, outdir: str | os.PathLike, *, engine:
             for level in _levels(studies):
                 tasks = []
                 for study in level:
-                    key = _study_key(study, base, keys, spec, rtstruct=rtstruct, register=register)
+                    key = _study_key(study, base, keys, spec, rtstruct=rtstruct, register=register, known=known)
+                    known.save()
                     keys[study.case_id] = key
                     old = store.study(study.case_id)
                     if not force and old is not None and old["key"] == key and (
@@ -326,25 +328,48 @@ def _rel(prefix: str, name: str, names: list[str]) -> str | None:
 
 # --- keys and order ----------------------------------------------------------------------------
 
-def _sha256_files(paths: Iterable[Path]) -> str:
+def _sha256_files(paths: Iterable[Path], known: FileHashes) -> str:
+    """One digest of the files' names and contents (each file's digest from ``known`` when unchanged)."""
     digest = hashlib.sha256()
     for path in paths:
-        digest.update(path.name.encode() + b"\0")
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
+        digest.update(path.name.encode() + b"\0" + known.sha256(path).encode() + b"\n")
     return digest.hexdigest()
 
 
-def _content_hash(path: Path) -> str:
+class FileHashes:
+    """SHA-256 of files, re-read only when a file's size or modification time changed since the
+    database last saw it (a batch of hundreds of large DICOM studies is not hashed again on each run)."""
+
+    def __init__(self, store: ResultStore | None = None):
+        self.store = store
+        self.fresh: dict[str, tuple[int, int, str]] = {}
+
+    def sha256(self, path: Path) -> str:
+        from ..models.base import file_sha256
+
+        info = path.stat()
+        cached = self.store.file_hash(str(path)) if self.store is not None else None
+        if cached is not None and cached[:2] == (info.st_size, info.st_mtime_ns):
+            return cached[2]
+        digest = file_sha256(path)
+        self.fresh[str(path)] = (info.st_size, info.st_mtime_ns, digest)
+        return digest
+
+    def save(self) -> None:
+        if self.store is not None and self.fresh:
+            self.store.save_file_hashes(self.fresh)
+            self.fresh = {}
+
+
+def _content_hash(path: Path, known: FileHashes) -> str:
     """The content of an image file (with its detached data file) or of every file under a folder."""
     from ..record import _data_files
 
     try:
         if path.is_dir():
-            return "dir:" + _sha256_files(sorted(p for p in path.rglob("*") if p.is_file()))
+            return "dir:" + _sha256_files(sorted(p for p in path.rglob("*") if p.is_file()), known)
         if path.is_file():
-            return "file:" + _sha256_files([path, *_data_files(path)])
+            return "file:" + _sha256_files([path, *_data_files(path)], known)
     except OSError as exc:
         return f"unreadable:{path}:{exc.errno}"
     return f"missing:{path}"
@@ -369,17 +394,17 @@ def _weights_id(spec: ModelSpec, study) -> str:
 
 
 def _study_key(study, base: dict[str, Any], keys: dict[str, str], spec: ModelSpec, *, rtstruct: bool,
-               register: bool) -> str:
+               register: bool, known: FileHashes) -> str:
     """SHA-256 of everything a study's result depends on (``--rtstruct`` only for DICOM folders,
     ``--no-register`` only for prompts taken ``from:`` another study)."""
     prompts = study.prompts
     if prompts.kind in ("file", "rtstruct", "seg"):
-        prompt_id = _content_hash(Path(prompts.value))
+        prompt_id = _content_hash(Path(prompts.value), known)
     elif prompts.kind == "from":
         prompt_id = "from:" + keys.get(prompts.value, "?")
     else:
         prompt_id = f"{prompts.kind}:{prompts.value}"
-    parts = {**base, "image": _content_hash(Path(study.image)), "series_uid": study.series_uid,
+    parts = {**base, "image": _content_hash(Path(study.image), known), "series_uid": study.series_uid,
              "window": study.window, "modality": study.modality, "prompts": prompt_id,
              "weights": _weights_id(spec, study), "device": spec.device}
     if rtstruct and Path(study.image).is_dir():

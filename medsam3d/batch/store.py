@@ -10,6 +10,8 @@
 - ``failures``: every failure of every run, with its stage and one-line error;
 - ``registrations``: each follow-up's registration onto its baseline, keyed by both studies'
   keys, so that a re-run does not register again what has not changed;
+- ``file_hashes``: each input file's SHA-256 with its size and modification time, so that an
+  unchanged file is not read again to decide whether its study is current;
 - ``inflight``: the studies handed to a worker and not yet committed. A row left there when a
   run stops counts one stop against its study, so a study that crashes the batch each time it
   runs is recorded as failed instead of stopping every resume.
@@ -53,6 +55,8 @@ CREATE TABLE IF NOT EXISTS measurements (
 CREATE TABLE IF NOT EXISTS inflight (
     case_id TEXT PRIMARY KEY, key TEXT NOT NULL, stops INTEGER NOT NULL, started TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS registrations (pair TEXT PRIMARY KEY, entry TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS file_hashes (
+    path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, sha256 TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS failures (
     id INTEGER PRIMARY KEY AUTOINCREMENT, run_id INTEGER REFERENCES runs(run_id), case_id TEXT NOT NULL,
     row INTEGER, stage TEXT, error TEXT NOT NULL, time TEXT NOT NULL);
@@ -199,6 +203,15 @@ class ResultStore:
         with self._transaction() as conn:
             for pair, entry in entries.items():
                 conn.execute("INSERT OR REPLACE INTO registrations VALUES (?, ?)", (pair, json.dumps(entry)))
+
+    def file_hash(self, path: str) -> tuple[int, int, str] | None:
+        row = self.conn.execute("SELECT size, mtime_ns, sha256 FROM file_hashes WHERE path = ?", (path,)).fetchone()
+        return (row[0], row[1], row[2]) if row is not None else None
+
+    def save_file_hashes(self, hashes: dict[str, tuple[int, int, str]]) -> None:
+        with self._transaction() as conn:
+            conn.executemany("INSERT OR REPLACE INTO file_hashes VALUES (?, ?, ?, ?)",
+                             [(path, *value) for path, value in hashes.items()])
 
     def studies(self) -> Iterator[sqlite3.Row]:
         return iter(self.conn.execute("SELECT * FROM studies ORDER BY patient_id, sort_key, case_id").fetchall())
