@@ -318,16 +318,16 @@ def test_a_killed_batch_resumes_without_loss_or_duplicates(tmp_path):
 
 
 def test_a_folder_the_batch_did_not_write_is_never_replaced(tmp_path):
-    from medsam3d.batch.runner import _place_study
+    from medsam3d.batch.outdir import place_study
 
     (tmp_path / "STS_001").mkdir()
     (tmp_path / "STS_001" / "CT_image.nii.gz").write_bytes(b"the user's data")
     result = {"files": {"labels.seg.nrrd": b"x"}, "record": {"objects": []}}
     with pytest.raises(Exception, match="not written by medsam3d batch"):
-        _place_study(tmp_path, "STS_001", result)
+        place_study(tmp_path, "STS_001", result)
     assert (tmp_path / "STS_001" / "CT_image.nii.gz").read_bytes() == b"the user's data"
-    _place_study(tmp_path, "new", result)  # the batch's own folder: written, and replaced on the next run
-    _place_study(tmp_path, "new", {**result, "files": {"labels.seg.nrrd": b"y"}})
+    place_study(tmp_path, "new", result)  # the batch's own folder: written, and replaced on the next run
+    place_study(tmp_path, "new", {**result, "files": {"labels.seg.nrrd": b"y"}})
     assert (tmp_path / "new" / "labels.seg.nrrd").read_bytes() == b"y"
 
 

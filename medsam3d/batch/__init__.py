@@ -2,9 +2,13 @@
 
 * :mod:`.manifest`: the manifest (:func:`read_manifest`, :class:`Study`) and each study's prompts;
 * :mod:`.plan`: a manifest from a folder of DICOM files (:func:`plan_manifest`);
-* :mod:`.runner`: :func:`run_batch`, the engines (local processes, Ray actors) and the exports;
+* :mod:`.runner`: :func:`run_batch`, the driver's loop;
+* :mod:`.keys`: each study's key (what decides it is current) and the order studies run in;
+* :mod:`.engines`: where studies run (this process, worker processes, Ray actors);
 * :mod:`.worker`: one study as a worker runs it;
+* :mod:`.outdir`: the output folder (lock, staging, a study's folder swapped in whole);
 * :mod:`.store`: the SQLite results database;
+* :mod:`.results`: ``results.json`` with each patient's follow-up, ``results.csv``, the exports;
 * :mod:`.html` and :mod:`.privacy`: ``report.html`` and pseudonymisation.
 """
 
