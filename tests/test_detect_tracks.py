@@ -170,8 +170,13 @@ def test_bad_answers_and_options_are_one_line_errors():
         find_tracks(volume, lambda image: [((5, 5, 1, 1), 0.5)], "x")
     with pytest.raises(DetectorError, match="tracking options among stride"):
         TrackingDetector("t", lambda text: BlobDetector2D(), strides=3)
-    with pytest.raises(DetectorError, match="stride >= 1"):
-        TrackOptions(stride=0)
+    for bad, expected in (({"stride": 0}, "stride as an integer >= 1"), ({"stride": 2.5}, "stride as an integer"),
+                          ({"min_slices": True}, "min_slices as an integer"), ({"max_tracks": 0}, "max_tracks"),
+                          ({"box_threshold": 1.5}, r"box_threshold as a number in \[0, 1\]"),
+                          ({"min_score": "0.3"}, "min_score as a number"), ({"key": "size"}, "key 'area'")):
+        with pytest.raises(DetectorError, match=expected) as info:
+            TrackOptions(**bad)
+        assert "\n" not in str(info.value) and "TrackOptions(" not in str(info.value)
     with pytest.raises(DetectorError, match="reason of a rejected"):
         Detection("x", 0.5, 1, (1, 1, 4, 4), rejected="")
 
@@ -197,3 +202,28 @@ def test_the_record_lists_the_proposals_kept_and_rejected(tmp_path):
     reasons = [d["reason"] for d in detections if not d["kept"]]
     assert any("isolated" in r for r in reasons) and any("covers 100%" in r for r in reasons)
     assert report["timings"]["detect_s"] >= 0 and record.objects[0].voxels > 0
+
+
+def test_a_batched_detector_gets_batch_size_slices_at_a_time_and_the_same_answer():
+    volume = make_volume(((10, 10, 20, 22), (5, 17), 0.9), ((40, 30, 50, 40), (25, 31), 0.8))
+    single = BlobDetector2D()
+
+    class Batched:
+        batch_size = 3
+
+        def __init__(self):
+            self.sizes = []
+
+        def __call__(self, image):
+            raise AssertionError("a batched detector is asked through detect_many")
+
+        def detect_many(self, images):
+            self.sizes.append(len(images))
+            return [single(image) for image in images]
+
+    batched = Batched()
+    one = find_tracks(volume, BlobDetector2D(), "lesion")
+    many = find_tracks(volume, batched, "lesion")
+    assert [(d.slice, d.box, d.z_range, d.rejected) for d in one] == \
+           [(d.slice, d.box, d.z_range, d.rejected) for d in many]
+    assert max(batched.sizes) == 3 and sum(batched.sizes) == single.calls

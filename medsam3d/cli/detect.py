@@ -51,18 +51,37 @@ def _detector_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--detector", metavar="NAME",
                         help="the detector that answers texts (default: ct-anatomy, weight-free CT anatomy: body, "
                              "lungs, left/right lung, airways, bones, fat)")
-    parser.add_argument("--detector-weights", type=Path, metavar="PATH",
-                        help="the learned detector's weights folder (a local Hugging Face model folder)")
+    parser.add_argument("--detector-weights", metavar="PATH",
+                        help="a learned detector's weights: a local Hugging Face model folder, or the id of a model "
+                             "already in the Hugging Face cache (nothing is downloaded)")
+    parser.add_argument("--detector-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a detector option, e.g. box_threshold=0.4, text_threshold=0.3, stride=2, "
+                             "min_slices=3, device=cuda (repeatable; see docs/text_prompts.md)")
 
 
 def build_detector(args: argparse.Namespace):
     """The detector ``--detector`` names (default ``ct-anatomy``), with ``--detector-weights`` when given."""
     from ..detect import load_detector
 
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = dict(_option(text) for text in getattr(args, "detector_option", None) or ())
     if getattr(args, "detector_weights", None) is not None:
         options["weights"] = args.detector_weights
     return load_detector(args.detector or "ct-anatomy", **options)
+
+
+def _option(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with VALUE read as JSON when it is (numbers, true/false), else as a string."""
+    import json
+
+    from ..errors import DetectorError
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip().isidentifier():
+        raise DetectorError(f"expected --detector-option KEY=VALUE (e.g. box_threshold=0.4), found {text!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except ValueError:
+        return key.strip(), value
 
 
 def text_prompts(texts: list[str]) -> dict[str, Any]:
@@ -170,6 +189,7 @@ def markups(volume, found) -> dict[str, Any]:
 
 def _write_text(path: Path, text: str) -> None:
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     tmp.replace(path)

@@ -203,7 +203,7 @@ def _fill_inplane(mask: np.ndarray, axes: _Axes) -> np.ndarray:
     """Holes filled slice by slice: background not connected, within its slice, to the slice's edge."""
     from scipy import ndimage
 
-    labels, n = ndimage.label(~mask, structure=_inplane(axes, ndimage.generate_binary_structure(2, 1)))
+    labels, _ = ndimage.label(~mask, structure=_inplane(axes, ndimage.generate_binary_structure(2, 1)))
     edge = [labels.take(i, axis=a) for a in range(3) if a != axes.axial for i in (0, -1)]
     outside = np.unique(np.concatenate([e.ravel() for e in edge]))
     return ~np.isin(labels, outside[outside > 0]) & (labels >= 0) | mask
@@ -351,16 +351,27 @@ def _lungs(hu: np.ndarray, body: np.ndarray, airways: np.ndarray, axes: _Axes, v
 
 def _bones(hu: np.ndarray, body: np.ndarray, axes: _Axes, low: float, high: float, spacing) -> np.ndarray:
     from scipy import ndimage
-    from skimage.filters import apply_hysteresis_threshold
 
-    square = np.ones((3, 3), bool)
-    inside = ndimage.binary_erosion(body, structure=_inplane(axes, square), iterations=2)
-    bone = apply_hysteresis_threshold(np.where(inside, hu, -1024.0).astype(np.float32), low, high)
+    # two voxels in from the body's outline (one on the every-other-voxel grid): no skin, no table
+    inside = _fine(ndimage.binary_erosion(_coarse(body, axes), structure=_inplane(axes, np.ones((3, 3), bool))),
+                   axes, hu.shape)
+    # hysteresis: the connected regions above `low` that reach above `high` somewhere, and hold
+    # 100 mm3 at least (smaller ones are calcifications and contrast specks)
+    bone = (hu > low) & inside
     labels, n = ndimage.label(bone)
     if n:
         sizes = np.bincount(labels.ravel(), minlength=n + 1)
-        small = np.flatnonzero(sizes * float(np.prod(spacing)) < 100.0)  # calcifications, contrast specks
-        bone[np.isin(labels, small)] = False
+        keep = np.zeros(n + 1, bool)
+        keep[np.unique(labels[bone & (hu > high)])] = True
+        keep &= sizes * float(np.prod(spacing)) >= 100.0
+        keep[0] = False
+        bone = keep[labels]
+    full = bone
+    found = ndimage.find_objects(bone.astype(np.uint8))
+    if not found:
+        return full
+    box = tuple(slice(max(s.start - 2, 0), s.stop + 2) for s in found[0])  # the rest works around the bones only
+    bone, hu = bone[box].copy(), hu[box]
     bone = ndimage.binary_closing(bone, structure=_inplane(axes, ndimage.generate_binary_structure(2, 1)))
     # holes in the bone within a slice: marrow (cancellous above 100 HU, fatty below -20 HU) is
     # bone, the spinal canal (cord and CSF, about 0-60 HU) is not; looked for around each bone only
@@ -381,7 +392,8 @@ def _bones(hu: np.ndarray, body: np.ndarray, axes: _Axes, low: float, high: floa
         fill = (means > 100) | (means < -20) | (sizes * pixel_mm2 <= 20)
         fill[0] = False
         bone[where] |= fill[hole_labels]
-    return bone
+    full[box] = bone
+    return full
 
 
 def _fat(hu: np.ndarray, body: np.ndarray, fat_range: tuple[float, float]) -> np.ndarray:

@@ -42,3 +42,11 @@ def load_detector(name: str, **options: Any) -> Detector:
 DETECTOR_REGISTRY.add(PluginSpec("ct-anatomy", "medsam3d.detect.anatomy:AnatomyDetector",
                                  description="weight-free CT anatomy by Hounsfield units: body, lungs (left/right), "
                                              "airways, bones, fat"), builtin=True)
+for _name, _factory, _description in (
+        ("grounding-dino", "medsam3d.detect.hf.grounding_dino:GroundingDinoDetector",
+         "Grounding DINO (transformers; weights from a local folder or the Hugging Face cache): boxes for any text"),
+        ("kosmos-2", "medsam3d.detect.hf.kosmos2:Kosmos2Detector",
+         "Kosmos-2 (transformers; local weights): grounded phrases as boxes, scored by the model's probabilities"),
+        ("sam3", "medsam3d.detect.hf.sam3:Sam3Detector",
+         "SAM 3 (transformers; local weights): instance masks and boxes for a noun phrase, with a presence score")):
+    DETECTOR_REGISTRY.add(PluginSpec(_name, _factory, description=_description), builtin=True)

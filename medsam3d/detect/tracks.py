@@ -15,8 +15,8 @@ answers with scored boxes. :func:`find_tracks` turns its answers into 3D objects
 4. **Reject** tracks that are no real object, each with its reason: for learned detectors
    (``learned=True``) boxes covering more than ``max_area_fraction`` of the slice (what
    Grounding DINO answers when the target is absent), tracks seen on fewer than
-   ``min_slices`` slices (isolated detections), and tracks whose mean score is under
-   ``min_score``.
+   ``min_slices`` slices (isolated detections), tracks whose mean score is under
+   ``min_score``, and, with ``max_tracks``, the tracks beyond the best ``max_tracks``.
 5. **Key slice** per kept track: its largest box (``key="area"``, ties by score) or its
    best-scoring one (``key="score"``), with the track's slice range as ``z_range``.
 
@@ -43,7 +43,8 @@ from .base import Detection, Progress
 log = logging.getLogger(__name__)
 
 #: a 2D detector: a slice's intensities ((I, J), the volume's array at k) -> [(box, score[, mask]), ...],
-#: box ``(i0, j0, i1, j1)`` inclusive in the slice's indices, mask (optional) bool (I, J)
+#: box ``(i0, j0, i1, j1)`` inclusive in the slice's indices, mask (optional) bool (I, J). One with a
+#: ``detect_many(list of slices) -> list of answers`` attribute is given ``batch_size`` slices at a time
 SliceDetector = Callable[[np.ndarray], Sequence[Sequence[Any]]]
 
 
@@ -61,17 +62,26 @@ class TrackOptions:
     max_area_fraction: float = 0.8
     learned: bool = True
     key: str = "area"
+    #: keep at most this many tracks (the best: mean score x slices); None: all that pass
+    max_tracks: int | None = None
 
     def __post_init__(self) -> None:
-        checks = [(self.stride >= 1, "stride >= 1"), (self.max_gap >= 0, "max_gap >= 0"),
-                  (self.min_slices >= 1, "min_slices >= 1"), (0 < self.max_area_fraction <= 1,
-                                                              "max_area_fraction in (0, 1]"),
-                  (0 <= self.link_iou <= 1, "link_iou in [0, 1]"), (0 < self.duplicate_iou <= 1,
-                                                                    "duplicate_iou in (0, 1]"),
-                  (self.key in ("area", "score"), "key 'area' or 'score'")]
-        for ok, what in checks:
-            if not ok:
-                raise DetectorError(f"expected {what} in the tracking options, found {self!r}")
+        for name, low in (("stride", 1), ("max_gap", 0), ("min_slices", 1), ("max_tracks", 1)):
+            value = getattr(self, name)
+            if name == "max_tracks" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise DetectorError(f"expected {name} as an integer >= {low} in the tracking options, found "
+                                    f"{value!r}")
+        for name, open_low in (("box_threshold", False), ("min_score", False), ("link_iou", False),
+                               ("duplicate_iou", True), ("max_area_fraction", True)):
+            value = getattr(self, name)
+            number = not isinstance(value, bool) and isinstance(value, (int, float, np.number))
+            if not number or not (0 < value <= 1 if open_low else 0 <= value <= 1):
+                raise DetectorError(f"expected {name} as a number in {'(' if open_low else '['}0, 1] in the "
+                                    f"tracking options, found {value!r}")
+        if self.key not in ("area", "score"):
+            raise DetectorError(f"expected key 'area' or 'score' in the tracking options, found {self.key!r}")
 
 
 @dataclass(frozen=True)
@@ -81,7 +91,9 @@ class SliceHit:
     slice: int
     box: tuple[float, float, float, float]
     score: float
+    #: the 2D mask cropped to its own bounding box, whose first voxel is ``mask_origin`` (i, j)
     mask: np.ndarray | None = field(default=None, repr=False, compare=False)
+    mask_origin: tuple[int, int] = (0, 0)
 
     @property
     def area(self) -> float:
@@ -134,11 +146,22 @@ def scan(array: np.ndarray, detect_slice: SliceDetector, options: TrackOptions, 
     if K and todo[-1] != K - 1:
         todo.append(K - 1)
     seen: dict[int, list[SliceHit]] = {}
+    many = getattr(detect_slice, "detect_many", None)  # a batched detector answers batch_size slices at once
+    chunk = max(1, int(getattr(detect_slice, "batch_size", 1) or 1)) if many is not None else 1
     while todo:
-        for k in todo:
-            seen[k] = _slice_hits(array, k, detect_slice, options)
+        for start in range(0, len(todo), chunk):
+            ks = todo[start:start + chunk]
+            if many is not None:
+                answers = many([np.asarray(array[:, :, k]) for k in ks])
+                if len(answers) != len(ks):
+                    raise DetectorError(f"expected the 2D detector to answer each of {len(ks)} slices, found "
+                                        f"{len(answers)} answers")
+            else:
+                answers = [detect_slice(np.asarray(array[:, :, k])) for k in ks]
+            for k, answer in zip(ks, answers):
+                seen[k] = _slice_hits(array, k, answer, options)
             if progress is not None:
-                progress(len(seen), len(seen) + len(todo), f"detecting on slice {k}")
+                progress(len(seen), len(seen) + len(todo) - start - len(ks), f"detecting on slice {ks[-1]}")
         around = {k + d for k in todo if any(_refines(h, plane, options) for h in seen[k])
                   for d in range(-options.stride + 1, options.stride)}
         todo = sorted(k for k in around if 0 <= k < K and k not in seen)
@@ -152,10 +175,11 @@ def _refines(hit: SliceHit, plane: int, options: TrackOptions) -> bool:
     return not options.learned or hit.area <= options.max_area_fraction * plane
 
 
-def _slice_hits(array: np.ndarray, k: int, detect_slice: SliceDetector, options: TrackOptions) -> list[SliceHit]:
+def _slice_hits(array: np.ndarray, k: int, answers: Sequence[Sequence[Any]] | None,
+                options: TrackOptions) -> list[SliceHit]:
     I, J = array.shape[:2]
     hits = []
-    for n, answer in enumerate(detect_slice(np.asarray(array[:, :, k])) or ()):
+    for answer in answers or ():
         try:
             box, score = answer[0], float(answer[1])
             mask = answer[2] if len(answer) > 2 else None
@@ -171,12 +195,23 @@ def _slice_hits(array: np.ndarray, k: int, detect_slice: SliceDetector, options:
             raise DetectorError(f"expected the 2D detector's mask on slice {k} as an ({I}, {J}) array, found "
                                 f"{getattr(mask, 'shape', type(mask).__name__)}")
         if score >= options.box_threshold:
-            hits.append(SliceHit(k, box, score, None if mask is None else mask.astype(bool)))
+            hits.append(SliceHit(k, box, score, *_cropped(mask)))
     kept: list[SliceHit] = []
     for hit in sorted(hits, key=lambda h: -h.score):  # same-slice duplicates: keep the best
         if all(iou(hit.box, other.box) <= options.duplicate_iou for other in kept):
             kept.append(hit)
     return kept
+
+
+def _cropped(mask: np.ndarray | None) -> tuple[np.ndarray | None, tuple[int, int]]:
+    """A 2D mask as its bounding box's crop and that box's first voxel (a slice's hits stay small)."""
+    if mask is None:
+        return None, (0, 0)
+    mask = np.asarray(mask).astype(bool, copy=False)
+    ii, jj = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if not len(ii):
+        return np.zeros((0, 0), bool), (0, 0)
+    return mask[ii[0]:ii[-1] + 1, jj[0]:jj[-1] + 1].copy(), (int(ii[0]), int(jj[0]))
 
 
 def link(hits_by_slice: dict[int, list[SliceHit]], options: TrackOptions) -> list[Track]:
@@ -221,7 +256,12 @@ def judge(tracks: list[Track], plane: tuple[int, int], options: TrackOptions) ->
                            f"{len(merged.hits)} scanned slices: a learned detector's answer when the target is "
                            "absent")
         tracks = [t for t in tracks if t not in covering] + [merged]
-    return sorted(tracks, key=lambda t: (t.rejected is not None, -t.mean_score * len(t.hits)))
+    tracks = sorted(tracks, key=lambda t: (t.rejected is not None, -t.mean_score * len(t.hits)))
+    if options.max_tracks is not None:
+        for rank, t in enumerate((t for t in tracks if t.rejected is None), start=1):
+            if rank > options.max_tracks:
+                t.rejected = f"track {rank} by mean score x slices (> max_tracks {options.max_tracks})"
+    return tracks
 
 
 def find_tracks(volume: Volume | np.ndarray, detect_slice: SliceDetector, text: str, *, source: str = "",
@@ -231,7 +271,8 @@ def find_tracks(volume: Volume | np.ndarray, detect_slice: SliceDetector, text: 
     Kept tracks come first (best first: mean score x slices); rejected ones follow with their
     reason in ``rejected``. Each detection's ``score`` is its track's mean score, ``slice`` and
     ``box`` its key slice and box (rounded outwards to voxels, clipped to the slice),
-    ``z_range`` its first and last slice, and ``mask`` the union of the 2D masks when the
+    ``z_range`` its first and last slice, and ``mask`` the 2D masks stacked (a bridged slice
+    gets the union of its neighbours') when the
     detector gives them on every slice of the track.
     """
     options = options or TrackOptions()
@@ -252,7 +293,11 @@ def find_tracks(volume: Volume | np.ndarray, detect_slice: SliceDetector, text: 
         if t.rejected is None and all(h.mask is not None for h in t.hits):
             mask = np.zeros(array.shape, bool)
             for h in t.hits:
-                mask[:, :, h.slice] = h.mask
+                (i0, j0), (di, dj) = h.mask_origin, h.mask.shape
+                mask[i0:i0 + di, j0:j0 + dj, h.slice] = h.mask
+            for a, b in zip(t.hits, t.hits[1:]):  # a bridged slice: both neighbours' masks
+                for k in range(a.slice + 1, b.slice):
+                    mask[:, :, k] = mask[:, :, a.slice] | mask[:, :, b.slice]
         out.append(Detection(text, t.mean_score, hit.slice, box, (t.slices[0], t.slices[-1]), mask, source,
                              rejected=t.rejected))
     kept = sum(d.rejected is None for d in out)
