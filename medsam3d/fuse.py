@@ -18,11 +18,27 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     """Keep the largest 26-connected component of a 3D mask."""
     from scipy import ndimage
 
-    labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    box = _bounds(mask)
+    if box is None:
+        return mask
+    labels, n = ndimage.label(mask[box], structure=np.ones((3, 3, 3), bool))  # within the mask's box only
     if n <= 1:
         return mask
-    sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, n + 1))
-    return labels == (int(np.argmax(sizes)) + 1)
+    sizes = ndimage.sum_labels(mask[box], labels, index=np.arange(1, n + 1))
+    out = np.zeros_like(mask)
+    out[box] = labels == (int(np.argmax(sizes)) + 1)
+    return out
+
+
+def _bounds(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """The bounding box of a mask's voxels as slices (None: an empty mask)."""
+    box = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if not hit.size:
+            return None
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)
 
 
 def fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
@@ -30,8 +46,9 @@ def fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
     from scipy import ndimage
 
     out = mask.copy()
-    for k in np.flatnonzero(mask.any(axis=(0, 1))):
-        out[:, :, k] = ndimage.binary_fill_holes(mask[:, :, k])
+    box = _bounds(mask)
+    for k in np.flatnonzero(mask.any(axis=(0, 1))):  # a hole lies within the slice's box of the mask
+        out[box[0], box[1], k] = ndimage.binary_fill_holes(mask[box[0], box[1], k])
     return out
 
 
@@ -97,7 +114,8 @@ def fuse(masks: Sequence[np.ndarray], scores: Sequence[np.ndarray], labels: Sequ
         cleaned.append(mask)
     shape = cleaned[0].shape if cleaned else (0, 0, 0)
     out = np.zeros(shape, np.uint16 if max(labels, default=0) > 255 else np.uint8)
-    best = np.full(shape, -np.inf, np.float32)
+    # each claimed voxel's slice score, for the score policy; one object claims nothing twice
+    best = np.full(shape, -np.inf, np.float32) if overlap == "score" and len(cleaned) > 1 else None
     lost = {int(label): 0 for label in labels}
     for n, (mask, score, label) in enumerate(zip(cleaned, scores, labels)):
         taken = mask & (out > 0)
@@ -117,7 +135,8 @@ def fuse(masks: Sequence[np.ndarray], scores: Sequence[np.ndarray], labels: Sequ
             lost[int(label)] += int(np.sum(taken & ~win))
             mask = (mask & ~taken) | (taken & win)
         out[mask] = label
-        best[mask] = np.broadcast_to(score[None, None, :], shape)[mask]
+        if best is not None:
+            best[mask] = np.broadcast_to(score[None, None, :], shape)[mask]
     for label, n in lost.items():
         if n:
             log.warning("label %d lost %d voxel(s) to overlapping objects (policy %s)", label, n, overlap)

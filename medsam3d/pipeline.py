@@ -19,7 +19,7 @@ import numpy as np
 from .errors import Medsam3dError
 from .fuse import fuse, taper_ends
 from .io import as_volume
-from .preprocess import MODALITIES, Window, apply_window, choose_window, finite_intensities
+from .preprocess import MODALITIES, Window, WindowedVolume, choose_window, finite_intensities
 from .prompts import BoxPrompt, ObjectPrompt, prompts_from
 from .models.base import describe_model
 from .propagate import ObjectResult, PropagationConfig, SliceEncoder, propagate
@@ -176,7 +176,7 @@ def segment(volume: Volume | str | os.PathLike, prompts, *, model=None, model_na
         model = load_model(model_name, checkpoint=checkpoint, device=device)
     win = choose_window(image, window, modality, roi_values=_roi_values(image, objects))
     working, reo = reorient(image, display_axcodes(image))
-    images = apply_window(working.array, win)
+    images = WindowedVolume(working.array, win)  # windowed slice by slice as the engine reads them
     work_objects = _to_working(objects, reo)
     crop = _zoom_crop(work_objects, images.shape[:2], zoom) if zoom is not None else None
     config = config or PropagationConfig()
@@ -196,6 +196,8 @@ def segment(volume: Volume | str | os.PathLike, prompts, *, model=None, model_na
     encoder = SliceEncoder(model, images, crop=crop, batch_size=config.batch_size, progress=progress,
                            total_hint=planned)
     results = propagate(encoder, work_objects, config)
+    encoded = encoder.encoded
+    encoder.cache.clear()  # the embeddings are done with: their memory is the fusion's
     masks, scores = _object_masks(results, images.shape)
     fused, lost = fuse(masks, scores, [o.label for o in work_objects], overlap=overlap,
                        keep_largest=keep_largest, fill_holes=fill_holes)
@@ -222,8 +224,8 @@ def segment(volume: Volume | str | os.PathLike, prompts, *, model=None, model_na
             "voxels_removed_by_taper": tapered.get(obj.label, 0),
             "alternatives": [float(a) for a in res.alternatives],
         })
-    log.info("segmented %d object(s) in %.1f s (%d slices encoded)", len(objects), seconds, encoder.encoded)
-    return SegmentationResult(labels, summary, win, describe_model(model), seconds, encoder.encoded,
+    log.info("segmented %d object(s) in %.1f s (%d slices encoded)", len(objects), seconds, encoded)
+    return SegmentationResult(labels, summary, win, describe_model(model), seconds, encoded,
                               {"encoded_sections": encoder.sections_encoded, "non_finite_voxels": non_finite,
                                "overlap": overlap, "keep_largest": keep_largest, "fill_holes": fill_holes,
                                "taper": taper or None, "zoom": zoom, "crop": list(crop) if crop else None,

@@ -149,3 +149,25 @@ def apply_window(array: np.ndarray, window: Window) -> np.ndarray:
     """Clip to the window and scale to float32 [0, 1]."""
     out = (np.asarray(array, dtype=np.float32) - window.lower) / max(window.upper - window.lower, 1e-6)
     return np.clip(out, 0.0, 1.0, out=out)
+
+
+class WindowedVolume:
+    """A volume seen through a window, applied on each read: ``volume[index]`` is
+    ``apply_window(array[index], window)``, the same values as windowing the whole volume
+    first, without its float32 copy (1 GB for a 512 x 512 x 1000 CT)."""
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, array: np.ndarray, window: Window) -> None:
+        self.array, self.window = array, window
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.array.shape
+
+    @property
+    def ndim(self) -> int:
+        return self.array.ndim
+
+    def __getitem__(self, index) -> np.ndarray:
+        return apply_window(self.array[index], self.window)

@@ -47,3 +47,36 @@ def test_roi_window_fits_the_prompt_box():
     assert w.upper == pytest.approx(np.percentile(values, 99) + 0.2 * span)
     with pytest.raises(PromptError, match="prompt boxes"):
         choose_window(vol, "roi", "CT")
+
+
+def test_a_windowed_volume_reads_what_windowing_the_whole_volume_gives():
+    from medsam3d.preprocess import Window, WindowedVolume, apply_window
+
+    array = np.random.default_rng(0).integers(-1024, 2000, (17, 13, 9)).astype(np.int16)[:, ::-1]  # a view
+    window = Window("CT", "ct-window", -160.0, 240.0)
+    whole = apply_window(array, window)
+    lazy = WindowedVolume(array, window)
+    assert lazy.shape == whole.shape and lazy.ndim == 3
+    for index in (np.s_[:, :, 4], np.s_[3, :, :], np.s_[:, 5, :], np.s_[2:9, 1:7, 0], np.s_[..., 8]):
+        assert lazy[index].dtype == np.float32 and np.array_equal(lazy[index], whole[index])
+
+
+def test_fusion_cleaning_within_the_mask_box_matches_the_whole_volume():
+    from scipy import ndimage
+
+    from medsam3d.fuse import fill_holes_per_slice, largest_component
+
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        mask = np.zeros((40, 36, 12), bool)
+        mask[5:30, 8:33, 2:10] = ndimage.binary_opening(rng.random((25, 25, 8)) > 0.45)
+        labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+        sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, n + 1))
+        expected = mask if n <= 1 else labels == int(np.argmax(sizes)) + 1
+        assert np.array_equal(largest_component(mask), expected)
+        filled = mask.copy()
+        for k in range(mask.shape[2]):
+            filled[:, :, k] = ndimage.binary_fill_holes(mask[:, :, k])
+        assert np.array_equal(fill_holes_per_slice(mask), filled)
+    empty = np.zeros((4, 4, 4), bool)
+    assert not largest_component(empty).any() and not fill_holes_per_slice(empty).any()
