@@ -67,8 +67,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_file import ResultsFile  # noqa: E402
-from table import markdown_table  # noqa: E402
+from results_file import ResultsFile
+from table import markdown_table
 
 CASES = {
     "sts041-ct": ("ibsi_sts_041/nifti/CT_image.nii.gz", "ibsi_sts_041/nifti/CT_mask.nii.gz"),
@@ -184,13 +184,17 @@ def thinner_slices(image, ref: np.ndarray, slice_mm: float):
 
 
 def run_one(data: Path, case: str, method: str, device: str = "cpu", slice_mm: float | None = None,
-            model_name: str = "litemedsam", checkpoint: Path | None = None) -> dict:
+            model_name: str = "litemedsam", checkpoint: Path | None = None, cases: dict | None = None,
+            model_options: dict | None = None) -> dict:
+    """One case and method, measured (see the module doc). ``cases`` adds case tables to CASES and
+    ORGAN_CASES (``bench_generalise.py``'s); ``model_options`` go to ``load_model`` for the ``ours-*``
+    methods (e.g. LiteMedSAM's ``decoder_weights``)."""
     import medsam3d as m3
     from medsam3d.models import load_model
     from medsam3d.pipeline import segment
     from medsam3d.preprocess import apply_window, choose_window
 
-    image_path, mask_path, *label = {**CASES, **ORGAN_CASES}[case]
+    image_path, mask_path, *label = {**CASES, **ORGAN_CASES, **(cases or {})}[case]
     image = m3.load(data / image_path)
     ref = m3.load_labels(data / mask_path, image).array == (label[0] if label else 1)
     if slice_mm:
@@ -217,7 +221,7 @@ def run_one(data: Path, case: str, method: str, device: str = "cpu", slice_mm: f
         encoded = prompt["objects"][0]["z_range"][1] - prompt["objects"][0]["z_range"][0] + 1
         spread = None
     else:
-        model = load_model(model_name, checkpoint=checkpoint, device=device)
+        model = load_model(model_name, checkpoint=checkpoint, device=device, **(model_options or {}))
 
         def run(volume, prompt):
             zoom = None if method.endswith("-nozoom") else 1.0

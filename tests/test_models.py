@@ -302,8 +302,8 @@ def test_an_unknown_model_is_one_line_listing_the_known_ones():
     assert str(info.value) == ("expected a model among litemedsam, medsam, sam-vit-b, sam-vit-l, sam-vit-h, found "
                                "'sam-vit-x'; add one with medsam3d.models.register_model or the 'medsam3d.models' "
                                "entry point group")
-    with pytest.raises(ModelError, match="expected options among decoder, runtime for model 'litemedsam', found "
-                                         "colour"):
+    with pytest.raises(ModelError, match="expected options among decoder, decoder_weights, runtime for model "
+                                         "'litemedsam', found colour"):
         load_model("litemedsam", colour="red")
 
 

@@ -27,7 +27,13 @@ import numpy as np
 
 from .._parallel import map_threads, thread_cap
 from ..errors import ModelError, require
-from .base import blend_features, file_sha256, load_into, load_state_dict, resolve_device
+from .base import (
+    blend_features,
+    file_sha256,
+    load_into,
+    load_state_dict,
+    resolve_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +49,10 @@ def bundled_checkpoint() -> tuple[Path, str]:
 
 
 def build(name: str, checkpoint: str | Path | None, device: str | None = "auto", *, trust_checkpoint: bool = False,
-          runtime: str = "auto", decoder: str = "fast") -> LiteMedSAM:
+          runtime: str = "auto", decoder: str = "fast", decoder_weights: str | Path | None = None) -> LiteMedSAM:
     """The registry's factory (see :mod:`medsam3d.models.registry`)."""
-    return LiteMedSAM(checkpoint, device, runtime=runtime, decoder=decoder, trust_checkpoint=trust_checkpoint)
+    return LiteMedSAM(checkpoint, device, runtime=runtime, decoder=decoder, trust_checkpoint=trust_checkpoint,
+                      decoder_weights=decoder_weights)
 
 
 class LiteMedSAM:
@@ -53,7 +60,11 @@ class LiteMedSAM:
 
     ``checkpoint``: None for the bundled weights (SHA-256 verified), or another LiteMedSAM
     checkpoint's path; ``trust_checkpoint`` allows unpickling a checkpoint that is not
-    weights-only (see :func:`~medsam3d.models.base.load_state_dict`).
+    weights-only (see :func:`~medsam3d.models.base.load_state_dict`). ``decoder_weights``: a
+    weights-only state dict of adapted prompt-encoder and mask-decoder tensors (keys
+    ``prompt_encoder.*`` / ``mask_decoder.*``, e.g. from ``benchmarks/finetune_decoder.py``)
+    loaded over the checkpoint's; None (the default) keeps the original decoder.
+    ``weights_sha256`` then names both files, and the ONNX decoder is exported from the adapted tensors.
     """
 
     input_size = INPUT
@@ -62,7 +73,8 @@ class LiteMedSAM:
     mask_threshold = 0.0
 
     def __init__(self, checkpoint: str | Path | None = None, device: str | None = "auto", runtime: str = "auto",
-                 decoder: str = "fast", *, trust_checkpoint: bool = False):
+                 decoder: str = "fast", *, trust_checkpoint: bool = False,
+                 decoder_weights: str | Path | None = None):
         torch = require("torch", "LiteMedSAM")
         from .decoder import DECODERS
 
@@ -94,7 +106,11 @@ class LiteMedSAM:
         net = build_lite_medsam()
         state, self.trust_checkpoint = load_state_dict(path, "LiteMedSAM", trust_checkpoint=trust_checkpoint)
         load_into(net, state, path, "LiteMedSAM")
-        self.weights_sha256 = digest or file_sha256(path)
+        self.weights_sha256 = encoder_sha256 = digest or file_sha256(path)
+        self.decoder_weights = None
+        if decoder_weights is not None:
+            self.decoder_weights = str(decoder_weights)
+            self.weights_sha256 = _load_decoder_weights(net, Path(decoder_weights), encoder_sha256)
         net.eval().to(self.device)
         for p in net.parameters():
             p.requires_grad_(False)
@@ -105,7 +121,8 @@ class LiteMedSAM:
         self.runtime = "torch"
         self._ort = self._ort_decoder = None
         if runtime == "onnx" or (runtime == "auto" and self.device == "cpu" and decoder == "fast"):
-            sessions = _onnx_sessions(net, self._decoder, self.weights_sha256, required=runtime == "onnx")
+            sessions = _onnx_sessions(net, self._decoder, encoder_sha256, required=runtime == "onnx",
+                                      decoder_sha256=self.weights_sha256)
             if sessions is not None:
                 self._ort, self._ort_decoder = sessions
                 self.runtime = "onnxruntime"
@@ -164,6 +181,34 @@ class LiteMedSAM:
         return masks, iou[:, 0].float().cpu().numpy()
 
 
+#: the tensors an adapted-decoder file may replace
+ADAPTABLE = ("prompt_encoder.", "mask_decoder.")
+
+
+def _load_decoder_weights(net, path: Path, base_sha256: str) -> str:
+    """Load adapted prompt-encoder/mask-decoder tensors (weights-only) into ``net``; returns the
+    SHA-256 that names the combination: sha256 of "<checkpoint's sha256>+<adapted file's sha256>"."""
+    import hashlib
+
+    import torch
+
+    state, _ = load_state_dict(path, "adapted LiteMedSAM decoder")
+    own = net.state_dict()
+    wrong = [k for k in state if not k.startswith(ADAPTABLE) or k not in own]
+    if wrong or not state:
+        raise ModelError(f"expected prompt_encoder.* and mask_decoder.* tensors of LiteMedSAM in {path}, found "
+                         f"{'none' if not state else 'other keys (' + ', '.join(sorted(wrong)[:3]) + ')'}")
+    shapes = [k for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
+    if shapes:
+        raise ModelError(f"expected LiteMedSAM's tensor shapes in {path}, found others for {', '.join(shapes[:3])}")
+    with torch.no_grad():
+        for key, value in state.items():
+            own[key].copy_(value.to(own[key].dtype))
+    combined = hashlib.sha256(f"{base_sha256}+{file_sha256(path)}".encode()).hexdigest()
+    log.info("adapted LiteMedSAM decoder: %d tensors from %s (weights %s)", len(state), path, combined[:16])
+    return combined
+
+
 def cache_dir() -> Path:
     """Where derived files (the ONNX exports of encoder and decoder) live: ``$MEDSAM3D_CACHE`` or the user cache."""
     import os
@@ -173,7 +218,7 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def _onnx_sessions(net, decoder, sha256: str, required: bool):
+def _onnx_sessions(net, decoder, sha256: str, required: bool, decoder_sha256: str | None = None):
     """ONNX Runtime sessions for the TinyViT encoder and for the box decoder, exported once from
     the loaded weights.
 
@@ -181,6 +226,7 @@ def _onnx_sessions(net, decoder, sha256: str, required: bool):
     cached under :func:`cache_dir` keyed by the weights' SHA-256 and written atomically. On a
     2-core CPU the encoder runs about 2x and the decoder 1.7-2.3x (1-8 boxes) faster than in
     PyTorch, with logits within 1e-4. Returns None (torch is used) when onnxruntime is missing or an export fails.
+    The decoder's export is keyed by ``decoder_sha256`` where it differs (adapted decoder weights).
     """
     try:
         import onnxruntime as ort
@@ -189,7 +235,9 @@ def _onnx_sessions(net, decoder, sha256: str, required: bool):
         if required:
             raise ModelError("expected onnxruntime for runtime 'onnx', found it missing; pip install onnxruntime onnx")
         return None
-    stem = f"{sha256[:16]}-torch{torch.__version__.split('+')[0]}.onnx"
+    torch_version = torch.__version__.split("+")[0]
+    stems = {"encoder": f"{sha256[:16]}-torch{torch_version}.onnx",
+             "decoder2": f"{(decoder_sha256 or sha256)[:16]}-torch{torch_version}.onnx"}
     parts = {
         "encoder": (net.image_encoder, (torch.zeros(1, 3, INPUT, INPUT),), ["image"], ["embedding"],
                     {"image": {0: "batch"}, "embedding": {0: "batch"}}),
@@ -203,7 +251,7 @@ def _onnx_sessions(net, decoder, sha256: str, required: bool):
         from ..io._atomic import atomic_path
 
         for part, (module, example, inputs, outputs, axes) in parts.items():
-            path = cache_dir() / f"litemedsam-{part}-{stem}"
+            path = cache_dir() / f"litemedsam-{part}-{stems[part]}"
             if not path.is_file():
                 path.parent.mkdir(parents=True, exist_ok=True)
                 with warnings.catch_warnings(), atomic_path(path) as tmp:
