@@ -172,23 +172,6 @@ def _axes(volume: Volume) -> _Axes:
     return _Axes(axial, lr, -float(np.sign(m[0, lr])), float(np.sign(m[2, axial]) or 1.0))
 
 
-def _per_slice(mask: np.ndarray, axial: int, func) -> np.ndarray:
-    out = np.empty_like(mask)
-    for k in range(mask.shape[axial]):
-        index = [slice(None)] * 3
-        index[axial] = k
-        out[tuple(index)] = func(mask[tuple(index)])
-    return out
-
-
-def _largest(labels: np.ndarray, n: int) -> np.ndarray:
-    if n == 0:
-        return np.zeros(labels.shape, bool)
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)
-    sizes[0] = 0
-    return labels == int(np.argmax(sizes))
-
-
 # -- targets -------------------------------------------------------------------------------
 def _inplane(axes: _Axes, footprint: np.ndarray) -> np.ndarray:
     """A 3D structuring element that acts within each axial slice only."""
@@ -359,23 +342,19 @@ def _bones(hu: np.ndarray, body: np.ndarray, axes: _Axes, low: float, high: floa
     # 100 mm3 at least (smaller ones are calcifications and contrast specks)
     bone = (hu > low) & inside
     labels, n = ndimage.label(bone)
-    if n:
-        sizes = np.bincount(labels.ravel(), minlength=n + 1)
-        keep = np.zeros(n + 1, bool)
-        keep[np.unique(labels[bone & (hu > high)])] = True
-        keep &= sizes * float(np.prod(spacing)) >= 100.0
-        keep[0] = False
-        bone = keep[labels]
-    full = bone
+    keep = np.zeros(n + 1, bool)
+    keep[np.unique(labels[bone & (hu > high)])] = True
+    keep &= np.bincount(labels.ravel(), minlength=n + 1) * float(np.prod(spacing)) >= 100.0
+    keep[0] = False
+    full = bone = keep[labels]
     found = ndimage.find_objects(bone.astype(np.uint8))
     if not found:
         return full
     box = tuple(slice(max(s.start - 2, 0), s.stop + 2) for s in found[0])  # the rest works around the bones only
-    bone, hu = bone[box].copy(), hu[box]
-    bone = ndimage.binary_closing(bone, structure=_inplane(axes, ndimage.generate_binary_structure(2, 1)))
+    plane = _inplane(axes, ndimage.generate_binary_structure(2, 1))
+    bone, hu = ndimage.binary_closing(bone[box], structure=plane), hu[box]
     # holes in the bone within a slice: marrow (cancellous above 100 HU, fatty below -20 HU) is
     # bone, the spinal canal (cord and CSF, about 0-60 HU) is not; looked for around each bone only
-    plane = _inplane(axes, ndimage.generate_binary_structure(2, 1))
     pixel_mm2 = float(np.prod([s for a, s in enumerate(spacing) if a != axes.axial]))
     labels, n = ndimage.label(bone)
     for value, where in enumerate(ndimage.find_objects(labels), start=1):
