@@ -23,7 +23,15 @@ a model's output, not a manual reference; the slab holds no kidney): spleen, liv
 (the issue's targets) and the 3D boxes that hold a neighbouring organ, measured on these labels
 with the protocol's 3D box: the spleen's box holds 29,350 stomach voxels (22 % of the spleen's
 own), the stomach's holds colon and aorta, the colon's holds stomach (38 % of its own) and the
-portal vein's box holds more liver than portal vein.
+portal vein's box holds more liver than portal vein. Organ settings are chosen on the other
+structures of the same CT (``ORGANS_TUNE``: aorta, inferior vena cava, spinal cord, pancreas,
+right adrenal gland, vertebra T12; half ``organs-tune``), never on ``ORGANS``. One patient's
+organs are a weak split: a setting chosen on its vessels is checked on its organs, not on
+another body.
+
+``--slice-mm MM --matrix N`` resample the cases first (``bench_segment.resampled_files``):
+``--slice-mm 0.86 --matrix 512`` turns STS_005's CT into the issue's clinical 512 x 512 x 300
+CT (int16, a 178-slice tumour).
 
 Protocols (``bench_segment.py``'s methods, run through its ``run_one``, one subprocess each):
 ``naive-3d`` the reference LiteMedSAM loop (the baseline, measured in the same run), ``ours-3d``
@@ -32,7 +40,7 @@ slice. ``--weights original|adapted|both`` runs the ``ours-*`` methods with the 
 decoder, with adapted decoder weights (``--adapted PATH``, from ``finetune_decoder.py``) or
 both, side by side; the naive loop always runs the original LiteMedSAM.
 
-Reported per half (tune / check / organs) and modality, per method and weights: mean Dice, median
+Reported per half (tune / check / organs-tune / organs) and modality, per method and weights: mean Dice, median
 absolute and median signed volume error, how many cases fall below the naive loop's Dice, and
 the median per-case ratio of seconds to the naive loop's. Rows as ``bench_segment.py``'s, plus
 ``half``, ``patient`` and ``weights``; the results file (``benchmarks/results/``, label
@@ -109,17 +117,23 @@ def _tumour_cases() -> tuple[dict[str, tuple[str, str]], dict[str, str]]:
 TUMOURS, PATIENT = _tumour_cases()
 ORGANS = {name: bench_segment.ORGAN_CASES[name] for name in
           ("ts-spleen-ct", "ts-liver-ct", "ts-stomach-ct", "ts-colon-ct", "ts-portal-vein-ct")}
+#: the other structures of the same CT, on which organ settings are chosen (``ORGANS`` checks them)
+ORGANS_TUNE = {name: bench_segment.ORGAN_CASES[name] for name in
+               ("ts-aorta-ct", "ts-ivc-ct", "ts-spinal-cord-ct", "ts-pancreas-ct", "ts-adrenal-r-ct",
+                "ts-vertebra-t12-ct")}
 METHODS = ("naive-3d", "ours-3d", "ours-2d")
 
 
 def half_of(case: str) -> str:
     if case in ORGANS:
         return "organs"
+    if case in ORGANS_TUNE:
+        return "organs-tune"
     return next(h for h, patients in SPLIT.items() if PATIENT[case] in patients)
 
 
-def _run(data: Path, case: str, method: str, adapted: Path | None) -> dict | str:
-    cmd = [sys.executable, __file__, "--data", str(data), "--one", case, method]
+def _run(data: Path, case: str, method: str, adapted: Path | None, grid: list[str]) -> dict | str:
+    cmd = [sys.executable, __file__, "--data", str(data), *grid, "--one", case, method]
     if adapted is not None:
         cmd += ["--adapted", str(adapted)]
     out = subprocess.run(cmd, check=False, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
@@ -141,7 +155,7 @@ def summarise(rows: list[dict]) -> list[dict]:
     for r in rows:
         groups.setdefault((r["half"], r["modality"], r["method"], r["weights"]), []).append(r)
     out = []
-    order = {"tune": 0, "check": 1, "organs": 2}
+    order = {"tune": 0, "check": 1, "organs-tune": 2, "organs": 3}
     for (half, modality, method, weights), rs in sorted(groups.items(), key=lambda kv: (order[kv[0][0]], *kv[0][1:])):
         errors = [r["volume_error"] for r in rs]
         vs = [r for r in rs if r["case"] in naive]
@@ -165,24 +179,28 @@ def print_tables(rows: list[dict]) -> None:
         ratio = "-" if s["median_seconds_ratio"] is None else f"{s['median_seconds_ratio']:.2f}"
         print(f"| {s['half']} | {s['modality']} | {s['method']} | {s['weights']} | {s['n']} | {s['mean_dice']:.3f} | "
               f"{s['median_abs_volume_error']:.1%} | {s['median_signed_volume_error']:+.1%} | {below} | {ratio} |")
-    organs = [r for r in rows if r["half"] == "organs"]
+    organs = [r for r in rows if r["half"] in ("organs", "organs-tune")]
     if organs:
-        print("\n| organ | method | weights | Dice | vol err | s |\n|---|---|---|---|---|---|")
-        for r in sorted(organs, key=lambda r: (r["case"], r["method"], r["weights"])):
-            print(f"| {r['case']} | {r['method']} | {r['weights']} | {r['dice']:.3f} | {r['volume_error']:+.1%} | "
-                  f"{r['seconds']:.1f} |")
+        print("\n| organ | half | method | weights | Dice | vol err | s |\n|---|---|---|---|---|---|---|")
+        for r in sorted(organs, key=lambda r: (r["half"], r["case"], r["method"], r["weights"])):
+            print(f"| {r['case']} | {r['half']} | {r['method']} | {r['weights']} | {r['dice']:.3f} | "
+                  f"{r['volume_error']:+.1%} | {r['seconds']:.1f} |")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     parser.add_argument("--half", choices=("tune", "check", "all"), default="all")
-    parser.add_argument("--cases", nargs="*", choices=[*TUMOURS, *ORGANS], help="only these (organs included)")
+    parser.add_argument("--cases", nargs="*", choices=[*TUMOURS, *ORGANS, *ORGANS_TUNE],
+                        help="only these (organs included)")
     parser.add_argument("--no-organs", action="store_true", help="leave the organs out (they run by default)")
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
     parser.add_argument("--weights", choices=("original", "adapted", "both"), default="original")
     parser.add_argument("--adapted", type=Path, help="adapted decoder weights (finetune_decoder.py's .pt)")
-    parser.add_argument("--label", help="the results file's label (default generalise-<half>)")
+    parser.add_argument("--slice-mm", type=float, help="resample the cases along k to slices this thick first")
+    parser.add_argument("--matrix", type=int, help="and in plane to MATRIX x MATRIX over the same field of view "
+                        "(--slice-mm 1 --matrix 512: the thin-slice clinical CT of the issue; CT stored as int16)")
+    parser.add_argument("--label", help="the results file's label (default generalise-<half>, -<mm>mm, -<n>px)")
     parser.add_argument("--json", type=Path, help="write the results file here instead of benchmarks/results/")
     parser.add_argument("--summarise", nargs="+", type=Path, metavar="RESULTS", help="print the tables of results files")
     parser.add_argument("--check-split", action="store_true", help="verify SPLIT and HOLD_OUT against the seed")
@@ -198,7 +216,8 @@ def main(argv=None) -> int:
         return 0
     if args.one:
         options = {"decoder_weights": str(args.adapted)} if args.adapted else None
-        row = bench_segment.run_one(args.data, *args.one, cases={**TUMOURS, **ORGANS}, model_options=options)
+        row = bench_segment.run_one(args.data, *args.one, cases={**TUMOURS, **ORGANS, **ORGANS_TUNE},
+                                    model_options=options, slice_mm=args.slice_mm, matrix=args.matrix)
         print(json.dumps(row))
         return 0
     if not args.data.is_dir():
@@ -210,10 +229,17 @@ def main(argv=None) -> int:
         return 2
     cases = args.cases or [c for c in TUMOURS if args.half == "all" or half_of(c) == args.half]
     if not args.no_organs and not args.cases:
-        cases += list(ORGANS)
-    results = ResultsFile("generalise", args.label or f"generalise-{args.half}", path=args.json)
+        cases += list(ORGANS_TUNE) + list(ORGANS)
+    grid = (["--slice-mm", str(args.slice_mm)] if args.slice_mm else []) + (
+        ["--matrix", str(args.matrix)] if args.matrix else [])
+    label = f"generalise-{args.half}" + (f"-{args.slice_mm:g}mm" if args.slice_mm else "") + (
+        f"-{args.matrix}px" if args.matrix else "")
+    for case in cases if grid else ():  # resampled once per case, outside the measured processes
+        bench_segment.resampled_files(args.data, case, args.slice_mm, args.matrix, {**TUMOURS, **ORGANS, **ORGANS_TUNE})
+    results = ResultsFile("generalise", args.label or label, path=args.json)
     results.doc.update(split={**SPLIT, "seed": SEED, "pairs": PAIRS, "hold_out": HOLD_OUT, "excluded": EXCLUDED},
                        adapted=str(args.adapted) if args.adapted else None,
+                       grid={"slice_mm": args.slice_mm, "matrix": args.matrix},
                        adapted_sha256=_sha256(args.adapted) if args.adapted else None)
     print(f"{'case':<18} {'half':<6} {'method':<9} {'weights':<8} {'dice':>6} {'vol_mL':>8} {'ref_mL':>8} "
           f"{'vol_err':>8} {'sec':>7}", flush=True)
@@ -222,7 +248,7 @@ def main(argv=None) -> int:
     for method in args.methods:
         for w in ["original"] if method == "naive-3d" else weights:
             for case in cases:
-                row = _run(args.data, case, method, args.adapted if w == "adapted" else None)
+                row = _run(args.data, case, method, args.adapted if w == "adapted" else None, grid)
                 if isinstance(row, str):
                     print(f"{case:<18} {method:<9} {w:<8} {row}", flush=True)
                     continue

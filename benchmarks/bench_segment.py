@@ -6,7 +6,8 @@ the engine's own alternative segmentations, see the README), wall seconds of the
 segmentation (each method first runs once on a small synthetic volume, so model loading,
 imports and first calls are excluded for every method), the number of images encoded
 (slices plus orthogonal sections), the peak resident memory of the process that ran it
-(each run is its own subprocess), with ``--device cuda`` the peak GPU memory allocated by
+(each run is its own subprocess; read when the method is done, before the scoring, whose
+distance transforms need more than the method on large volumes), with ``--device cuda`` the peak GPU memory allocated by
 torch, and the SHA-256 of the label map (unchanged masks have unchanged hashes).
 
 Writes the run to one JSON file, ``benchmarks/results/<YYYY-MM-DD>_<cpuN|gpu-name>_<label>.json``
@@ -164,28 +165,62 @@ def _sync(model) -> None:
         torch.cuda.synchronize()
 
 
-def thinner_slices(image, ref: np.ndarray, slice_mm: float):
-    """The case resampled along k to ``slice_mm`` slices (linear for the image, the reference's
-    linear interpolation > 0.5 for the mask), on a grid whose slab matches the original."""
+def resample_case(image, ref: np.ndarray, slice_mm: float | None = None, matrix: int | None = None,
+                  dtype=np.float32):
+    """The case resampled to ``slice_mm`` slices along k and/or a ``matrix`` x ``matrix`` grid in
+    plane, over the same field of view (linear for the image, the reference's linear
+    interpolation > 0.5 for the mask), its voxels of type ``dtype``."""
     from scipy import ndimage
 
     import medsam3d as m3
 
-    k_old = image.shape[2]
-    k_new = round(k_old * image.spacing[2] / slice_mm)
-    factor = (1.0, 1.0, k_new / k_old)
+    old = np.array(image.shape, float)
+    new = old.copy()
+    if slice_mm:
+        new[2] = round(old[2] * image.spacing[2] / slice_mm)
+    if matrix:
+        new[:2] = matrix
+    factor = tuple(new / old)
     array = ndimage.zoom(image.array.astype(np.float32), factor, order=1, grid_mode=True, mode="nearest")
+    if np.issubdtype(dtype, np.integer):
+        array = np.round(array)
     mask = ndimage.zoom(ref.astype(np.float32), factor, order=1, grid_mode=True, mode="nearest") > 0.5
     affine = np.array(image.affine)
-    step = k_old / k_new  # new voxel n sits at old index (n + 0.5) * step - 0.5
-    affine[:3, 3] += affine[:3, 2] * (0.5 * step - 0.5)
-    affine[:3, 2] *= step
-    return m3.Volume(array, affine, image.meta), mask
+    for axis in range(3):
+        step = old[axis] / new[axis]  # new voxel n sits at old index (n + 0.5) * step - 0.5
+        affine[:3, 3] += affine[:3, axis] * (0.5 * step - 0.5)
+        affine[:3, axis] *= step
+    return m3.Volume(array.astype(dtype), affine, image.meta), mask
+
+
+def resampled_files(data: Path, case: str, slice_mm: float | None, matrix: int | None,
+                    cases: dict | None = None) -> tuple[Path, Path]:
+    """The case resampled (:func:`resample_case`) and written once to a temporary folder, so that
+    the measured process reads it as a user's file and its peak memory is the method's alone. A
+    CT on a ``matrix`` grid is stored as int16, as clinical CT comes."""
+    import tempfile
+
+    import medsam3d as m3
+
+    folder = Path(tempfile.gettempdir()) / "medsam3d-bench" / f"{case}-{slice_mm or 0:g}mm-{matrix or 0}px"
+    image_file, mask_file = folder / "image.nii.gz", folder / "mask.nii.gz"
+    if not mask_file.is_file():
+        image_path, mask_path, *label = {**CASES, **ORGAN_CASES, **(cases or {})}[case]
+        image = m3.load(data / image_path)
+        ref = m3.load_labels(data / mask_path, image).array == (label[0] if label else 1)
+        dtype = np.int16 if matrix and case.endswith("-ct") else np.float32
+        image, ref = resample_case(image, ref, slice_mm, matrix, dtype)
+        folder.mkdir(parents=True, exist_ok=True)
+        from medsam3d.io import to_nibabel
+
+        to_nibabel(image).to_filename(str(image_file))
+        to_nibabel(m3.Volume(ref.astype(np.uint8), image.affine)).to_filename(str(mask_file))
+    return image_file, mask_file
 
 
 def run_one(data: Path, case: str, method: str, device: str = "cpu", slice_mm: float | None = None,
             model_name: str = "litemedsam", checkpoint: Path | None = None, cases: dict | None = None,
-            model_options: dict | None = None) -> dict:
+            model_options: dict | None = None, matrix: int | None = None) -> dict:
     """One case and method, measured (see the module doc). ``cases`` adds case tables to CASES and
     ORGAN_CASES (``bench_generalise.py``'s); ``model_options`` go to ``load_model`` for the ``ours-*``
     methods (e.g. LiteMedSAM's ``decoder_weights``)."""
@@ -195,10 +230,13 @@ def run_one(data: Path, case: str, method: str, device: str = "cpu", slice_mm: f
     from medsam3d.preprocess import apply_window, choose_window
 
     image_path, mask_path, *label = {**CASES, **ORGAN_CASES, **(cases or {})}[case]
-    image = m3.load(data / image_path)
-    ref = m3.load_labels(data / mask_path, image).array == (label[0] if label else 1)
-    if slice_mm:
-        image, ref = thinner_slices(image, ref, slice_mm)
+    if slice_mm or matrix:
+        image_file, mask_file = resampled_files(data, case, slice_mm, matrix, cases)
+        image = m3.load(image_file)
+        ref = m3.load_labels(mask_file, image).array == 1
+    else:
+        image = m3.load(data / image_path)
+        ref = m3.load_labels(data / mask_path, image).array == (label[0] if label else 1)
     prompt = prompts_for(ref)["2d" if "-2d" in method else "3d"]
     from medsam3d.propagate import PropagationConfig
 
@@ -217,6 +255,7 @@ def run_one(data: Path, case: str, method: str, device: str = "cpu", slice_mm: f
         pred = run(image, prompt)
         _sync(model)
         seconds = time.perf_counter() - t0
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the method's, not the scoring's
         labels = pred
         encoded = prompt["objects"][0]["z_range"][1] - prompt["objects"][0]["z_range"][0] + 1
         spread = None
@@ -232,6 +271,7 @@ def run_one(data: Path, case: str, method: str, device: str = "cpu", slice_mm: f
         result = run(image, prompt)
         _sync(model)
         seconds = time.perf_counter() - t0
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the method's, not the scoring's
         labels = result.labels.array
         pred = labels == 1
         encoded = result.encoded_slices + result.settings["encoded_sections"]
@@ -255,7 +295,7 @@ def run_one(data: Path, case: str, method: str, device: str = "cpu", slice_mm: f
             "volume_error": round((vol_pred - vol_ref) / vol_ref, 4),
             "range_holds_reference": bool(spread[0] <= vol_ref <= spread[1]) if spread else None,
             "seconds": round(seconds, 2), "encoded": int(encoded),
-            "peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_mb": round(peak_mb, 1),
             "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.startswith("cuda") else None,
             "volume_ml_range": [round(v, 2) for v in spread] if spread else None,
             "mask_sha256": hashlib.sha256(np.ascontiguousarray(labels, dtype=np.uint8).tobytes()).hexdigest()}
@@ -275,6 +315,8 @@ def _label(args) -> str:
         label += f"-{args.model}"
     if args.slice_mm:
         label += f"-{args.slice_mm:g}mm"
+    if args.matrix:
+        label += f"-{args.matrix}px"
     return label
 
 
@@ -289,6 +331,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: where every method runs")
     parser.add_argument("--slice-mm", type=float, help="resample every case along k to slices this thick first "
                         "(e.g. 2: the 3.27 mm sarcomas become 50-slice tumours)")
+    parser.add_argument("--matrix", type=int, help="resample every case in plane to MATRIX x MATRIX over the same field "
+                        "of view first (a CT then stored as int16): with --slice-mm 1 --matrix 512, clinical thin-slice CT")
     parser.add_argument("--model", default="litemedsam", help="the model of the ours-* methods (see medsam3d.models)")
     parser.add_argument("--checkpoint", type=Path, help="its weights file (required for medsam and sam-*)")
     parser.add_argument("--one", nargs=2, metavar=("CASE", "METHOD"), help=argparse.SUPPRESS)
@@ -297,7 +341,7 @@ def main(argv=None) -> int:
         args.cases = list(ORGAN_CASES)
     if args.one:
         print(json.dumps(run_one(args.data, *args.one, device=args.device, slice_mm=args.slice_mm,
-                                 model_name=args.model, checkpoint=args.checkpoint)))
+                                 model_name=args.model, checkpoint=args.checkpoint, matrix=args.matrix)))
         return 0
     if not args.data.is_dir():
         print(f"shared data not found at {args.data}; pass --data", file=sys.stderr)
@@ -318,8 +362,11 @@ def main(argv=None) -> int:
         print(f"# ours-* methods: model {args.model}, weights {args.checkpoint or 'bundled'}; naive-3d: LiteMedSAM")
     print(header, flush=True)
     for case in args.cases:
+        if args.slice_mm or args.matrix:  # once per case, outside the measured processes
+            resampled_files(args.data, case, args.slice_mm, args.matrix)
         for method in args.methods:
-            thinner = ["--slice-mm", str(args.slice_mm)] if args.slice_mm else []
+            thinner = (["--slice-mm", str(args.slice_mm)] if args.slice_mm else []) + (
+                ["--matrix", str(args.matrix)] if args.matrix else [])
             out = subprocess.run([sys.executable, __file__, "--data", str(args.data), "--device", args.device,
                                   *thinner, *model_args, "--one", case, method], check=False, capture_output=True,
                                  text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})

