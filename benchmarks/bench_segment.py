@@ -202,7 +202,8 @@ def resampled_files(data: Path, case: str, slice_mm: float | None, matrix: int |
 
     import medsam3d as m3
 
-    folder = Path(tempfile.gettempdir()) / "medsam3d-bench" / f"{case}-{slice_mm or 0:g}mm-{matrix or 0}px"
+    source = hashlib.sha256(str(Path(data).resolve()).encode()).hexdigest()[:8]  # another --data: another file
+    folder = Path(tempfile.gettempdir()) / "medsam3d-bench" / f"{case}-{slice_mm or 0:g}mm-{matrix or 0}px-{source}"
     image_file, mask_file = folder / "image.nii.gz", folder / "mask.nii.gz"
     if not mask_file.is_file():
         image_path, mask_path, *label = {**CASES, **ORGAN_CASES, **(cases or {})}[case]
@@ -213,8 +214,10 @@ def resampled_files(data: Path, case: str, slice_mm: float | None, matrix: int |
         folder.mkdir(parents=True, exist_ok=True)
         from medsam3d.io import to_nibabel
 
-        to_nibabel(image).to_filename(str(image_file))
-        to_nibabel(m3.Volume(ref.astype(np.uint8), image.affine)).to_filename(str(mask_file))
+        for volume, path in ((image, image_file), (m3.Volume(ref.astype(np.uint8), image.affine), mask_file)):
+            partial = path.with_name("partial-" + path.name)  # whole files only: an interrupted run leaves none
+            to_nibabel(volume).to_filename(str(partial))
+            os.replace(partial, path)
     return image_file, mask_file
 
 

@@ -111,8 +111,10 @@ def choose_view(cropped: SliceEncoder, whole: SliceEncoder, objects: Sequence[Ob
     log.info("zoom check: masks span their boxes %.2f on the crop, %.2f on whole slices: %s kept",
              crop_fit, whole_fit, chosen)
     kept, other = (cropped, whole) if chosen == "crop" else (whole, cropped)
+    extra = other.encoded
+    other.cache.clear()
     return kept, {"crop_fit": round(crop_fit, 4), "whole_fit": round(whole_fit, 4), "chosen": chosen,
-                  "extra_encoded": other.encoded}
+                  "extra_encoded": extra}
 
 
 def _roi_values(volume: Volume, objects: Sequence[ObjectPrompt]) -> np.ndarray:

@@ -1,5 +1,7 @@
 """Model adapters: the real LiteMedSAM weights, preprocessing contracts, clear load errors."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -468,3 +470,36 @@ def test_the_bilinear_resize_is_torchs():
         theirs = torch.nn.functional.interpolate(torch.from_numpy(x)[:, None], size=size, mode="bilinear",
                                                  align_corners=False)[:, 0].numpy()
         assert ours.shape == (shape[0], *size) and np.abs(ours - theirs).max() < 1e-3
+
+
+def test_a_thread_cap_set_before_torch_is_imported_reaches_it_when_it_is(litemedsam):
+    import subprocess
+    import sys
+
+    if litemedsam.runtime != "onnxruntime":
+        pytest.skip("onnxruntime is not installed: the torch encoder and decoder are the only ones")
+    code = ("import sys, medsam3d as m3; m = m3.load_model('litemedsam', device='cpu', threads=1); "
+            "print('torch' in sys.modules, m._ort.get_session_options().intra_op_num_threads); "
+            "m.net; import torch; print(torch.get_num_threads())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "1", "1"]
+
+
+def test_a_damaged_onnx_export_is_made_again(litemedsam, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    from medsam3d.models.litemedsam import cache_dir
+
+    if litemedsam.runtime != "onnxruntime":
+        pytest.skip("onnxruntime is not installed: the torch encoder and decoder are the only ones")
+    for path in cache_dir().glob("litemedsam-*.onnx"):
+        shutil.copy(path, tmp_path / path.name)
+    damaged = next(tmp_path.glob("litemedsam-decoder2-*.onnx"))
+    damaged.write_bytes(b"not a model")
+    code = "import medsam3d as m3; print(m3.load_model('litemedsam', device='cpu').runtime)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "MEDSAM3D_CACHE": str(tmp_path)})
+    assert out.stdout.split() == ["onnxruntime"] and "exporting it again" in out.stderr
+    assert damaged.stat().st_size > 1_000_000  # exported again from the weights

@@ -96,7 +96,7 @@ def resolve_device(device: str | None) -> str:
     device = (device or "auto").lower()
     if device == "cpu" or (device == "auto" and "torch" not in sys.modules and _no_gpu_device_nodes()):
         return "cpu"
-    import torch
+    torch = import_torch()
 
     if device == "auto":
         if torch.cuda.is_available():
@@ -134,10 +134,7 @@ def set_threads(n: int | None) -> None:
     server or a Ray worker that shares its cores. Lifting the cap gives torch back the thread
     count it had before the first cap.
     """
-    global _torch_threads_before_cap
     import operator
-
-    import torch
 
     from .._parallel import set_thread_cap
 
@@ -149,13 +146,32 @@ def set_threads(n: int | None) -> None:
         if count < 1:
             raise ModelError(f"expected a thread count >= 1 (or None: no cap), found {n!r}")
         n = count
+    set_thread_cap(n)
+    if "torch" in sys.modules:  # else the cap reaches torch when a model imports it (import_torch)
+        _cap_torch(sys.modules["torch"], n)
+
+
+def _cap_torch(torch, n: int | None) -> None:
+    global _torch_threads_before_cap
+    if n is not None:
         if _torch_threads_before_cap is None:
             _torch_threads_before_cap = torch.get_num_threads()
         torch.set_num_threads(n)
     elif _torch_threads_before_cap is not None:
         torch.set_num_threads(_torch_threads_before_cap)
         _torch_threads_before_cap = None
-    set_thread_cap(n)
+
+
+def import_torch():
+    """torch, with the thread cap of :func:`set_threads` applied (a cap set before torch was first
+    imported, as the bundled LiteMedSAM on ONNX Runtime never imports it)."""
+    import torch
+
+    from .._parallel import thread_cap
+
+    if thread_cap() is not None and torch.get_num_threads() != thread_cap():
+        _cap_torch(torch, thread_cap())
+    return torch
 
 
 def file_sha256(path: str | Path) -> str:
@@ -184,8 +200,7 @@ def load_state_dict(path: str | Path, what: str, *, trust_checkpoint: bool = Fal
     """
     import pickle
 
-    import torch
-
+    torch = import_torch()
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"expected a {what} checkpoint file at {path}, found nothing; give the path to the .pth file")

@@ -320,8 +320,10 @@ def _cached_onnx_sessions(sha256: str):
         return None
     try:
         return tuple(_session(ort, paths[part]) for part in ("encoder", "decoder2"))
-    except Exception as exc:  # a damaged cache file: export it again through torch
+    except Exception as exc:  # a damaged cache file: removed, so that torch exports it again
         log.warning("cached ONNX export unusable (%s); exporting it again", exc)
+        for path in paths.values():
+            path.unlink(missing_ok=True)
         return None
 
 

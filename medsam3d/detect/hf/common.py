@@ -102,7 +102,10 @@ def _cached_snapshot(model_id: str) -> Path | None:
 
 def load_pretrained(title: str, folder: Path, model_class: str, device: str):
     """The processor and the model (eval mode, on ``device``) from ``folder``, offline and safetensors only."""
+    from ...models.base import import_torch
+
     transformers = transformers_module(title)
+    import_torch()  # the thread cap of set_threads, where torch was not imported when it was set
     t0 = time.perf_counter()
     try:
         processor = transformers.AutoProcessor.from_pretrained(folder, local_files_only=True)
