@@ -490,13 +490,14 @@ def test_a_damaged_onnx_export_is_made_again(litemedsam, tmp_path):
     import subprocess
     import sys
 
-    from medsam3d.models.litemedsam import cache_dir
+    from medsam3d.models.litemedsam import _onnx_paths, bundled_checkpoint
 
     if litemedsam.runtime != "onnxruntime":
         pytest.skip("onnxruntime is not installed: the torch encoder and decoder are the only ones")
-    for path in cache_dir().glob("litemedsam-*.onnx"):
+    paths = _onnx_paths(bundled_checkpoint()[1], None, torch.__version__)  # the bundled weights' exports
+    for path in paths.values():
         shutil.copy(path, tmp_path / path.name)
-    damaged = next(tmp_path.glob("litemedsam-decoder2-*.onnx"))
+    damaged = tmp_path / paths["decoder2"].name
     damaged.write_bytes(b"not a model")
     code = "import medsam3d as m3; print(m3.load_model('litemedsam', device='cpu').runtime)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
