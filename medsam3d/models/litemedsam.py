@@ -194,16 +194,6 @@ class LiteMedSAM:
             features = [out[n : n + 1] for n in range(len(batch))]
         return [(features[n], prepared[n][1], images[n].shape) for n in range(len(images))]
 
-    def encode_tensor(self, batch):
-        """(B, 3, 256, 256) tensor -> (B, 256, 64, 64) image embeddings (a tensor)."""
-        import torch
-
-        if self._ort is not None:
-            x = batch.cpu().numpy()
-            return torch.from_numpy(np.concatenate([self._ort.run(None, {"image": x[n : n + 1]})[0]
-                                                    for n in range(len(x))]))
-        return self.net.image_encoder(batch)
-
     def decode(self, features: Any, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         embedding, (nh, nw), (h, w) = features
         boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
