@@ -28,18 +28,17 @@ the runner records while the other studies go on: :func:`study_prompts` raises i
 from __future__ import annotations
 
 import csv
-import datetime as _dt
 import io
 import json
 import logging
-import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..errors import ManifestError, Medsam3dError, PromptError
+from ..errors import ManifestError, PromptError
+from .cells import (PROMPT_FORMS, PromptSource, check_detector, check_model, check_window, dicom_modality,
+                    parse_case_id, prompt_source, resolve_path, timepoint_order)
 
 if TYPE_CHECKING:
     from ..prompts.types import ObjectPrompt
@@ -51,37 +50,6 @@ REQUIRED_COLUMNS = ("case_id", "patient_id", "timepoint", "image", "prompts")
 OPTIONAL_COLUMNS = ("series_uid", "modality", "window", "model", "checkpoint", "detector")
 PROMPT_KINDS = ("file", "box", "rtstruct", "seg", "text", "from")
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024  # a manifest of 100,000 studies stays far below
-
-#: a case_id names the study's output folder: ASCII letters, digits, '.', '_' and '-', starting
-#: with a letter or digit, not ending with '.', at most 100 characters (portable on every file system)
-CASE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-_RESERVED_NAMES = {"CON", "PRN", "AUX", "NUL", *(f"COM{n}" for n in range(10)), *(f"LPT{n}" for n in range(10))}
-_BOX_LIKE = re.compile(r"^\s*[-+\d][-+\d\s,]*@")  # numbers, then '@': meant as an inline box
-_DATE_DASHED = re.compile(r"^(\d{4})-(\d{2})-(\d{2})$")
-_DATE_DICOM = re.compile(r"^(\d{4})(\d{2})(\d{2})$")
-_PROMPT_FORMS = ("a prompt file (.json, .mrk.json), an inline box i0,j0,i1,j1@k, an RTSTRUCT or DICOM SEG file, "
-                 "text:WHAT or from:CASE_ID")
-
-
-@dataclass(frozen=True)
-class PromptSource:
-    """Where a study's prompts come from.
-
-    ``kind``: ``file`` | ``box`` | ``rtstruct`` | ``seg`` | ``text`` | ``from``; ``value``: the
-    absolute path (file, rtstruct, seg), the box ``i0,j0,i1,j1@k[:z0..z1]``, the text, or the
-    source ``case_id`` (from). ``written``: the cell as the manifest has it.
-    """
-
-    kind: str
-    value: str
-    written: str = field(default="", compare=False)
-
-    def describe(self) -> str:
-        """The prompts as written in the manifest (a relative path stays relative)."""
-        if self.written:
-            return self.written
-        return {"text": f"text:{self.value}", "from": f"from:{self.value}"}.get(self.kind, self.value)
-
 
 @dataclass(frozen=True)
 class Study:
@@ -287,12 +255,12 @@ def _study(name: str, row: int, cells: dict[str, str], folder: Path, checked: di
     where = f"{name} row {row}"
     for column in REQUIRED_COLUMNS:
         if not cells.get(column, ""):
-            what = _PROMPT_FORMS if column == "prompts" else {
+            what = PROMPT_FORMS if column == "prompts" else {
                 "case_id": "a name for the study's output folder", "patient_id": "the patient's identifier",
                 "timepoint": "a date (YYYY-MM-DD) or a number", "image": "the image file or DICOM folder"}[column]
             raise ManifestError(f"{where}: expected a value in the '{column}' column ({what}), found it empty; fill "
                                 f"in the {column} column")
-    case_id = _case_id(cells["case_id"], where)
+    case_id = parse_case_id(cells["case_id"], where)
     order = timepoint_order(cells["timepoint"], where=where)
     optional = {c: cells.get(c, "") or None for c in OPTIONAL_COLUMNS}
     modality = optional["modality"].upper() if optional["modality"] else None
@@ -303,163 +271,19 @@ def _study(name: str, row: int, cells: dict[str, str], folder: Path, checked: di
             raise ManifestError(f"{where}: expected a modality among {', '.join(MODALITIES)} (or an empty cell: from "
                                 f"the image), found {optional['modality']!r}; correct the modality column")
     if optional["window"] is not None:
-        _check_window(optional["window"], where, checked)
+        check_window(optional["window"], where, checked)
     if optional["model"] is not None:
-        _check_model(optional["model"], where, checked)
+        check_model(optional["model"], where, checked)
     if optional["detector"] is not None:
-        _check_detector(optional["detector"], cells["prompts"], where, checked)
+        check_detector(optional["detector"], cells["prompts"], where, checked)
     return Study(
         row=row, case_id=case_id, patient_id=cells["patient_id"], timepoint=cells["timepoint"], order=order,
-        image=_path(cells["image"], folder), prompts=_prompt_source(cells["prompts"], folder, where),
+        image=resolve_path(cells["image"], folder), prompts=prompt_source(cells["prompts"], folder, where),
         series_uid=optional["series_uid"], modality=modality, window=optional["window"], model=optional["model"],
-        checkpoint=_path(optional["checkpoint"], folder) if optional["checkpoint"] else None,
+        checkpoint=resolve_path(optional["checkpoint"], folder) if optional["checkpoint"] else None,
         detector=optional["detector"].strip().lower() if optional["detector"] else None,
         metadata={k: v for k, v in cells.items() if k not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS},
     )
-
-
-def _path(cell: str, folder: Path) -> Path:
-    path = Path(cell).expanduser()
-    return Path(os.path.abspath(path if path.is_absolute() else folder / path))
-
-
-def check_case_id(case_id: str) -> str | None:
-    """Why ``case_id`` cannot name an output folder (None when it can): see :data:`CASE_ID_PATTERN`."""
-    if not CASE_ID_PATTERN.fullmatch(case_id):
-        bad = sorted({c for c in case_id if not (c.isascii() and (c.isalnum() or c in "._-"))})
-        if bad:
-            shown = ", ".join(repr(c) for c in bad[:5])
-            return f"the character{'s' if len(bad) > 1 else ''} {shown}"
-        if len(case_id) > 100:
-            return f"{len(case_id)} characters (at most 100)"
-        return "a name that starts with '.', '_' or '-'"
-    if case_id.endswith("."):
-        return "a name that ends with '.'"
-    if case_id.split(".")[0].upper() in _RESERVED_NAMES:
-        return "a device name Windows reserves"
-    return None
-
-
-def _case_id(case_id: str, where: str) -> str:
-    why = check_case_id(case_id)
-    if why:
-        raise ManifestError(f"{where}: expected a case_id usable as a folder name (ASCII letters, digits, '.', '_', "
-                            f"'-'; starting with a letter or digit), found {case_id!r} with {why}; rename it")
-    return case_id
-
-
-def timepoint_order(text: str, *, where: str = "timepoint") -> tuple:
-    """The sort key of a time point: ``(0, date ordinal)`` for ``YYYY-MM-DD`` or ``YYYYMMDD``,
-    ``(1, number)`` for a finite number; anything else raises :class:`ManifestError`."""
-    value = text.strip()
-    match = _DATE_DASHED.match(value) or _DATE_DICOM.match(value)
-    if match:
-        try:
-            return (0, _dt.date(*(int(g) for g in match.groups())).toordinal())
-        except ValueError:
-            raise ManifestError(f"{where}: expected a timepoint as a date (YYYY-MM-DD or YYYYMMDD) or a number, found "
-                                f"{text!r}, which is no calendar date; correct it") from None
-    try:
-        number = float(value)
-    except ValueError:
-        number = math.nan
-    if not math.isfinite(number) or not re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", value):
-        raise ManifestError(f"{where}: expected a timepoint as a date (YYYY-MM-DD or YYYYMMDD) or a number (days, "
-                            f"weeks, visit), found {text!r}; write it in one of these forms")
-    return (1, number)
-
-
-def _check_window(window: str, where: str, checked: dict[str, Any]) -> None:
-    key = f"window:{window}"
-    if key not in checked:
-        from ..preprocess import parse_window
-
-        try:
-            parse_window(window)
-            checked[key] = None
-        except Medsam3dError as exc:
-            checked[key] = str(exc)
-    if checked[key]:
-        raise ManifestError(f"{where}: {checked[key]}; correct the window column")
-
-
-def _check_model(model: str, where: str, checked: dict[str, Any]) -> None:
-    if "models" not in checked:
-        from ..models import available_models
-
-        checked["models"] = available_models()
-    if model not in checked["models"]:
-        raise ManifestError(f"{where}: expected a model among {', '.join(checked['models'])}, found {model!r}; "
-                            "correct the model column (or leave it empty for the default)")
-
-
-def _check_detector(detector: str, prompts: str, where: str, checked: dict[str, Any]) -> None:
-    """A registered detector's name (never a path: weights are the batch's business), for a text or a prompt file."""
-    if "detectors" not in checked:
-        from ..detect import available_detectors
-
-        checked["detectors"] = available_detectors()
-    if detector.strip().lower() not in checked["detectors"]:
-        raise ManifestError(f"{where}: expected a detector among {', '.join(checked['detectors'])}, found "
-                            f"{detector!r}; correct the detector column (or leave it empty for ct-anatomy)")
-    if prompts.strip().lower().startswith(("from:",)) or _BOX_LIKE.match(prompts):
-        raise ManifestError(f"{where}: expected a text:WHAT or a prompt file with text objects beside the detector "
-                            f"column, found {prompts!r}; a detector answers texts (empty the detector column)")
-
-
-def _prompt_source(cell: str, folder: Path, where: str) -> PromptSource:
-    lowered = cell.lower()
-    for prefix in ("text", "from"):
-        if lowered.startswith(prefix + ":"):
-            value = cell[len(prefix) + 1:].strip()
-            if not value:
-                what = "the text a detector is to find" if prefix == "text" else "the case_id to take the objects from"
-                raise ManifestError(f"{where}: expected {what} after '{prefix}:', found nothing; write "
-                                    f"{prefix}:{'liver tumor' if prefix == 'text' else 'CASE_ID'}")
-            return PromptSource(prefix, value, cell)
-    path = _path(cell, folder)
-    if _BOX_LIKE.match(cell) and not path.exists():
-        return PromptSource("box", _checked_box(cell, where), cell)
-    kind = "file"
-    if not path.name.lower().endswith(".json"):
-        modality = dicom_modality(path)
-        kind = {"RTSTRUCT": "rtstruct", "SEG": "seg"}.get(modality or "", "file")
-    return PromptSource(kind, str(path), cell)
-
-
-def _checked_box(cell: str, where: str) -> str:
-    """An inline box checked as far as it can be without the image (indices, order, size)."""
-    from ..prompts import parse_box_option
-
-    forms = "i0,j0,i1,j1@k or i0,j0,i1,j1@k:z0..z1 (voxel indices, quoted in a CSV)"
-    try:
-        entry = parse_box_option(cell)
-    except PromptError:
-        raise ManifestError(f"{where}: expected an inline box as {forms}, found {cell!r}; correct the prompts cell"
-                            ) from None
-    i0, j0, i1, j1 = entry["box"]
-    k = entry["slice"]
-    z0, z1 = entry.get("z_range", (k, k))
-    problem = ("negative voxel indices" if min(i0, j0, i1, j1, k, z0, z1) < 0 else
-               "i1 <= i0 or j1 <= j0 (a box at least 2 voxels wide and high, min before max)"
-               if i1 <= i0 or j1 <= j0 else f"slice {k} outside its z range {z0}..{z1}" if not z0 <= k <= z1 else "")
-    if problem:
-        raise ManifestError(f"{where}: expected an inline box as {forms}, found {cell!r} with {problem}; correct the "
-                            "prompts cell")
-    return cell.strip()
-
-
-def dicom_modality(path: Path) -> str | None:
-    """The Modality of a DICOM file's header (None for a missing file or one that is not DICOM)."""
-    if not path.is_file():
-        return None
-    import pydicom
-
-    try:
-        ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["Modality"])
-    except Exception:  # pydicom raises many types on a file that is not DICOM
-        return None
-    return str(getattr(ds, "Modality", "") or "") or None
 
 
 # ---------------------------------------------------------------------------------------------- all rows

@@ -215,7 +215,7 @@ def _safe(text: str) -> str:
 
 
 def _case_ids(planned: list[_Series], patients: dict[str, str]) -> dict[str, str]:
-    from .manifest import check_case_id
+    from .cells import check_case_id
 
     ids: dict[str, str] = {}
     used: set[str] = set()
