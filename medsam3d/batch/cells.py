@@ -1,8 +1,9 @@
-"""One manifest cell at a time: the checks that need nothing but the cell (and, for a prompts cell,
-the header of the file it names), shared by the manifest reader and the batch planner.
+"""One manifest row's cells, each checked alone (a detector cell with its row's prompts cell; a prompts
+cell that names a file by that file's DICOM header), shared by the manifest reader and the batch planner.
 
-Each check raises :class:`~medsam3d.errors.ManifestError` with one line naming where (``where``:
-the manifest and row), what was expected, what was found and what to do.
+Each ``check_*`` and ``parse_*`` function that is given a ``where`` (the manifest and row) raises
+:class:`~medsam3d.errors.ManifestError` with one line naming it, what was expected, what was found
+and what to do; :func:`check_case_id` returns the reason instead, for the planner's own message.
 """
 
 from __future__ import annotations

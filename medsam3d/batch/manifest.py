@@ -51,6 +51,7 @@ OPTIONAL_COLUMNS = ("series_uid", "modality", "window", "model", "checkpoint", "
 PROMPT_KINDS = ("file", "box", "rtstruct", "seg", "text", "from")
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024  # a manifest of 100,000 studies stays far below
 
+
 @dataclass(frozen=True)
 class Study:
     """One row of a manifest: a study (an image of a patient at a time point) and its prompts.
