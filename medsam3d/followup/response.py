@@ -154,6 +154,11 @@ def select_targets(measurable: Sequence[tuple[str, str, float]]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- sums
+def rounded(value: float | None, digits: int = 3) -> float | None:
+    """``value`` rounded for the results (None stays None)."""
+    return None if value is None else round(float(value), digits)
+
+
 def pct(value: float | None, reference: float | None) -> float | None:
     """Percent change of ``value`` vs ``reference`` (None when either is missing or the reference is 0)."""
     if value is None or reference is None or reference <= 0:
