@@ -9,6 +9,7 @@ and what to do; :func:`check_case_id` returns the reason instead, for the planne
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import math
 import os
 import re
@@ -198,3 +199,16 @@ def dicom_modality(path: Path) -> str | None:
     except Exception:  # pydicom raises many types on a file that is not DICOM
         return None
     return str(getattr(ds, "Modality", "") or "") or None
+
+
+def json_cell(value: Any) -> str:
+    """A JSON manifest's value as the text a CSV cell would hold (lists and objects as compact JSON)."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return f"{value:g}" if isinstance(value, float) and value.is_integer() and abs(value) < 1e15 else str(value)
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import ManifestError, PromptError
-from .cells import (PROMPT_FORMS, PromptSource, check_detector, check_model, check_window, dicom_modality,
+from .cells import (PROMPT_FORMS, PromptSource, check_detector, check_model, check_window, dicom_modality, json_cell,
                     parse_case_id, prompt_source, resolve_path, timepoint_order)
 
 if TYPE_CHECKING:
@@ -224,31 +224,19 @@ def _json_rows(path: Path, text: str) -> list[tuple[int, dict[str, str]]]:
         row: dict[str, str] = {}
         for key, value in item.items():
             if key == "metadata" and isinstance(value, dict):
-                row.update({str(k): _json_cell(v) for k, v in value.items() if str(k) not in row})
+                row.update({str(k): json_cell(v) for k, v in value.items() if str(k) not in row})
                 continue
             column = _column(str(key))
             if column in row and column in REQUIRED_COLUMNS + OPTIONAL_COLUMNS:
                 raise ManifestError(f"{name} row {number}: expected each key once, found '{column}' twice (in "
                                     "another case or spelling); keep one")
-            row[column] = _json_cell(value)
+            row[column] = json_cell(value)
         missing = [c for c in REQUIRED_COLUMNS if c not in row]
         if missing:
             raise ManifestError(f"{name} row {number}: expected the keys {', '.join(REQUIRED_COLUMNS)}, found no "
                                 f"{', '.join(missing)}; add {'them' if len(missing) > 1 else 'it'} to that study")
         rows.append((number, row))
     return rows
-
-
-def _json_cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return value.strip()
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return f"{value:g}" if isinstance(value, float) and value.is_integer() and abs(value) < 1e15 else str(value)
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 # ---------------------------------------------------------------------------------------------- one row

@@ -8,7 +8,9 @@ a job; ``GET /v1/jobs/{jid}`` (polling), ``/events`` (server-sent events), ``DEL
 (400 bad input, 401 token, 404 unknown id, 408 upload stalled, 409 not finished, 413 too large,
 422 bad prompt or body, 429 too many, 503 busy); a 5xx is a bug. The token is checked before a
 request's body is read or parsed. An error never shows the server's temporary folder: paths in
-it read ``<upload>``. The guide's server page has the details.
+it read ``<upload>``. The guide's server page has the details. The gate in front of the routes
+(token, Host, sizes, request log) is :mod:`.guard`; the bodies, their checks and each error's
+status are :mod:`.requests`; an upload's streaming and loading :mod:`.uploads`.
 
 The request log holds methods, route templates (``/v1/sessions/{sid}``), statuses and times;
 the server's own lines hold session and job ids, shapes and timings: never a file name, a
@@ -21,99 +23,37 @@ import asyncio
 import hmac
 import json
 import logging
-import math
 import os
 import re
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
-from ..errors import GeometryError, Medsam3dError, PromptError, VolumeIOError, require
+from ..errors import Medsam3dError, PromptError, VolumeIOError, require
 
 require("fastapi", "the medsam3d server", extra="server")
 require("uvicorn", "the medsam3d server", extra="server")
 
 import fastapi  # noqa: E402 - after the one-line message of a missing extra
 from fastapi import Depends, Header, Query, Request  # noqa: E402
-from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import JSONResponse, Response, StreamingResponse  # noqa: E402
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer  # noqa: E402
-from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
 from starlette.concurrency import run_in_threadpool  # noqa: E402
-from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
 from starlette.requests import ClientDisconnect  # noqa: E402
 
-from . import ServerSettings, is_loopback  # noqa: E402
-from .jobs import FINAL_STATES, Job, JobRunner, JobStateError, NotFoundError, ServerBusyError, ServerLimitError  # noqa: E402,E501
+from . import ServerSettings  # noqa: E402
+from .guard import Guard  # noqa: E402
+from .jobs import FINAL_STATES, Job, JobRunner, JobStateError, NotFoundError  # noqa: E402
+from .requests import (RefineRequest, RequestError, SegmentRequest, add_error_handlers, check_finite,  # noqa: E402
+                       engine_options, text_detectors)
 from .sessions import ServerSession, SessionStore  # noqa: E402
-from .uploads import UploadTimeout, UploadTooLarge, load_upload, upload_suffix  # noqa: E402
+from .uploads import load_upload, receive_upload, upload_suffix  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-#: what a refused request may still send, read and dropped, so that its client reads the answer
-DRAIN_BYTES = 64 << 20
-#: seconds a refused request's client may pause its body before the server stops reading it
-DRAIN_IDLE_S = 2.0
 #: seconds between two keep-alive comments of an event stream
 KEEPALIVE_S = 15.0
-#: the parts of a validation error's location that name a type of a union, not a field
-_TYPE_TAG = re.compile(r"^(int|str|float|bool|dict|list)(\[.*\])?$")
-#: the routes without ids, logged by their path when no route template is known
-_PLAIN_PATHS = ("/health", "/openapi.json")
-
-
-class RequestError(Medsam3dError, ValueError):
-    """A request whose body or query is not what the route takes (HTTP 422)."""
-
-
-_STATUS = ((UploadTooLarge, 413), (UploadTimeout, 408), (ServerLimitError, 429), (ServerBusyError, 503),
-           (NotFoundError, 404), (JobStateError, 409), (PromptError, 422), (RequestError, 422), (VolumeIOError, 400),
-           (GeometryError, 400))
-
-
-def status_of(exc: Medsam3dError) -> int:
-    """The HTTP status of a medsam3d error (see the module docstring); 400 for any other."""
-    for cls, status in _STATUS:
-        if isinstance(exc, cls):
-            return status
-    return 400
-
-
-class EngineOptions(BaseModel):
-    """The engine's options a client may set (the model and its checkpoint are the server's)."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    fast: bool = Field(False, description="the speed preset (CLI --fast)")
-    taper: float | None = Field(None, ge=0, le=10, allow_inf_nan=False,
-                                description="end-slice taper power (default 2; 0: off; at most 10)")
-    zoom: bool = Field(True, description="encode a crop around the prompts (false: whole slices)")
-    stride: int | None = Field(None, ge=1, le=64, description="encode every N-th slice first")
-    window: str | None = Field(None, max_length=64, description="CT preset, LEVEL,WIDTH, percentile or roi")
-    modality: str | None = Field(None, max_length=8, description="CT, MR, PT or US")
-    detector: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
-                                 description="the registered detector that answers text prompts "
-                                             "(default ct-anatomy; a name, never a path or weights)")
-
-
-class SegmentRequest(BaseModel):
-    """Prompts (a medsam3d prompt document, version 1 or 2), engine options, and whether to mesh."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    prompts: Union[dict[str, Any], list[Any]]
-    options: EngineOptions = Field(default_factory=EngineOptions)
-    mesh: bool = False
-
-
-class RefineRequest(BaseModel):
-    """A box on one slice of an existing object (name or label), replacing its box there or added."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    object: Union[int, str]
-    slice: int = Field(ge=0)
-    box: list[int] = Field(min_length=4, max_length=4)
-    replace: bool = True
-    mesh: bool | None = Field(None, description="surface properties in the record (default: the segmentation's)")
 
 
 def create_app(settings: ServerSettings | None = None, *, model=None):
@@ -179,34 +119,10 @@ def create_app(settings: ServerSettings | None = None, *, model=None):
         description="Prompt-driven 3D segmentation of medical volumes: sessions, prompts, refines (HTTP API v1).")
     app.state.settings, app.state.store, app.state.runner, app.state.model = settings, store, runner, model
 
-    # --- errors: one line each -------------------------------------------------------------
-    @app.exception_handler(Medsam3dError)
-    async def _medsam3d_error(_request, exc: Medsam3dError):
-        return JSONResponse({"detail": scrub(_one_line(str(exc)))}, status_code=status_of(exc))
+    add_error_handlers(app, scrub)
+    app.add_middleware(Guard, settings=settings)
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(_request, exc: RequestValidationError):
-        errors = exc.errors()
-        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-        where = ".".join(str(p) for p in first.get("loc", ()) if not _TYPE_TAG.match(str(p))) or "request"
-        more = f" ({len(errors) - 1} more)" if len(errors) > 1 else ""
-        detail = f"expected a valid {where}, found: {first.get('msg')}{more}"
-        return JSONResponse({"detail": scrub(_one_line(detail))}, status_code=422)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_request, exc: StarletteHTTPException):
-        return JSONResponse({"detail": scrub(_one_line(str(exc.detail)))}, status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def _bug(_request, exc: Exception):
-        log.error("internal error: %s", type(exc).__name__, exc_info=exc)
-        return JSONResponse({"detail": f"internal error: {type(exc).__name__} (see the server's log)"},
-                            status_code=500)
-
-    app.add_middleware(_Guard, settings=settings)
-
-    # --- auth (checked first by _Guard, before any body is read; again here for the schema) ---
+    # --- auth (checked first by Guard, before any body is read; again here for the schema) ---
     token = settings.token.encode("ascii") if settings.token else None
 
     bearer = HTTPBearer(auto_error=False, description="the server's token (--token-file)")
@@ -247,7 +163,7 @@ def create_app(settings: ServerSettings | None = None, *, model=None):
         t0 = time.perf_counter()
         try:
             path = folder / f"upload{suffix}"
-            size = await _receive(request, path, limit, ClientDisconnect, settings.upload_idle_s)
+            size = await receive_upload(request, path, limit, ClientDisconnect, settings.upload_idle_s)
             volume = await run_in_threadpool(
                 load_upload, path, suffix, series_uid=series_uid, max_voxels=settings.max_voxels,
                 max_unzipped_bytes=settings.max_unzipped_mb << 20, max_zip_files=settings.max_zip_files)
@@ -280,10 +196,10 @@ def create_app(settings: ServerSettings | None = None, *, model=None):
         from ..prompts import prompts_from
 
         session = store.get(sid)
-        options = _engine_options(body.options)
-        _check_finite(body.prompts)
+        options = engine_options(body.options)
+        check_finite(body.prompts)
         objects = prompts_from(body.prompts, session.volume)  # a bad prompt: 422 now, not a failed job later
-        _text_detectors(objects, options)
+        text_detectors(objects, options)
         prompts, mesh = body.prompts, body.mesh
 
         def work(progress):
@@ -442,19 +358,6 @@ def _file(path: Path, filename: str) -> StreamingResponse:
                                       "Content-Disposition": f'attachment; filename="{filename}"'})
 
 
-def _check_finite(value: Any) -> None:
-    """422 when a JSON value holds NaN or an infinity (Python's JSON reader accepts them)."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, float) and not math.isfinite(item):
-            raise RequestError(f"expected finite numbers in the prompts, found {item}")
-        if isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-
-
 def _result(job: Job):
     """The record of a finished job, or 409 naming its state."""
     if job.state != "done":
@@ -472,76 +375,6 @@ def _describe(session: ServerSession, store: SessionStore) -> dict[str, Any]:
             "modality": guess_modality(volume)[0], "expires_in_s": round(store.expires_in(session), 1)}
 
 
-def _engine_options(options) -> dict[str, Any]:
-    """The engine's keyword arguments for a request's options (checked: 422 on a bad one)."""
-    from ..preprocess import MODALITIES, parse_window
-    from ..propagate import PropagationConfig
-
-    out: dict[str, Any] = {"zoom": 1.0 if options.zoom else None, "taper": 2.0 if options.taper is None else
-                           float(options.taper), "config": PropagationConfig.fast() if options.fast
-                           else PropagationConfig()}
-    if options.stride is not None:
-        out["stride"] = int(options.stride)
-    if options.window is not None:
-        parse_window(options.window)
-        out["window"] = options.window
-    if options.modality is not None:
-        modality = options.modality.strip().upper()
-        if modality not in MODALITIES:
-            raise RequestError(f"expected a modality among {', '.join(MODALITIES)}, found {options.modality!r}")
-        out["modality"] = modality
-    if options.detector is not None:
-        out["detector"] = _registered_detector(options.detector)
-    return out
-
-
-def _registered_detector(name: str) -> str:
-    """``name`` if it is a registered detector (built with the server's defaults), else a 422."""
-    from ..detect import available_detectors
-
-    names = available_detectors()
-    if name.strip().lower() not in names:
-        raise RequestError(f"expected a detector among {', '.join(names)}, found {name!r}")
-    return name.strip().lower()
-
-
-def _text_detectors(objects, options: dict[str, Any]) -> None:
-    """Text entries: their detectors must be registered names; without one, ``ct-anatomy`` answers them."""
-    texts = [o for o in objects if o.text is not None and not o.boxes]
-    for obj in texts:
-        if obj.detector is not None:
-            _registered_detector(obj.detector)
-    if texts and "detector" not in options:
-        options["detector"] = "ct-anatomy"
-
-
-async def _receive(request, path: Path, limit: int, disconnect: type[Exception], idle_s: float) -> int:
-    """Stream the request's body into ``path`` (a new file), stopping at ``limit`` bytes (413), or when
-    no byte came for ``idle_s`` seconds (408)."""
-    size = 0
-    try:
-        with open(path, "xb") as out:
-            stream = request.stream().__aiter__()
-            while True:
-                try:
-                    chunk = await asyncio.wait_for(stream.__anext__(), idle_s)
-                except StopAsyncIteration:
-                    break
-                except asyncio.TimeoutError:
-                    raise UploadTimeout(f"expected the upload's bytes to keep coming, found none for {idle_s:g} s "
-                                        f"(after {size >> 20} MB); send it again") from None
-                size += len(chunk)
-                if size > limit:  # the middleware reads and drops what follows (see _Guard)
-                    raise UploadTooLarge(f"expected an upload of at most {limit >> 20} MB, found more; start the "
-                                         "server with a larger --max-upload-mb, or crop the volume")
-                out.write(chunk)
-    except disconnect:
-        raise VolumeIOError("expected the whole upload, found the connection closed before its end") from None
-    if size == 0:
-        raise VolumeIOError("expected the bytes of a volume in the request's body, found an empty body")
-    return size
-
-
 def _versions() -> dict[str, str | None]:
     import platform
     from importlib import metadata
@@ -553,132 +386,3 @@ def _versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             out[name.lower()] = None
     return out
-
-
-def _one_line(text: str) -> str:
-    return str(text).replace("\r", " ").replace("\n", " ").strip()
-
-
-class _Guard:
-    """ASGI middleware: the token, the Host check of a server without a token, the body size limits,
-    the request log.
-
-    With a token, a request to ``/v1/...`` without ``Authorization: Bearer TOKEN`` (compared in
-    constant time) gets 401 here, before its body is read or parsed: an unauthenticated client
-    learns nothing from validation errors.
-
-    A server without a token answers only requests addressed to a loopback name (127.0.0.1,
-    localhost, ::1): a web page a browser on this machine shows cannot reach it through a name
-    that resolves to 127.0.0.1 (DNS rebinding). A body whose Content-Length passes the route's
-    limit (the upload's ``max_upload_mb``, else ``max_json_kb``) gets a 413 before it reaches a
-    route; a chunked JSON body is counted as it arrives. Before any error answer, what is left of
-    the request's body (at most :data:`DRAIN_BYTES`, while it keeps coming) is read and dropped,
-    so that the client reads the answer. Each request is logged as method, route template,
-    status and milliseconds.
-    """
-
-    def __init__(self, app, *, settings: ServerSettings):
-        self.app = app
-        self.settings = settings
-        self.token = settings.token.encode("ascii") if settings.token else None
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        t0 = time.perf_counter()
-        status = {"code": 0}
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-
-        upload = scope["method"] == "POST" and scope["path"].rstrip("/") == "/v1/sessions"
-        limit = (self.settings.max_upload_mb << 20) if upload else (self.settings.max_json_kb << 10)
-        seen = {"bytes": 0, "ended": scope["method"] in ("GET", "HEAD", "DELETE") and "content-length" not in headers
-                and "transfer-encoding" not in headers}
-
-        async def sending(message):
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-                if message["status"] >= 400:
-                    await finish_body()
-            await send(message)
-
-        async def finish_body():
-            """Read and drop the rest of a refused request's body before answering: a client that
-            is still sending (urllib sends ``Connection: close``) would otherwise see the closed
-            connection reset under it and never read the answer."""
-            if seen["ended"] or (headers.get("expect", "").lower() == "100-continue" and not seen["bytes"]):
-                return
-            seen["ended"] = True
-            await _drain(receive)
-
-        async def receiving():
-            message = await receive()
-            if message["type"] != "http.request" or not message.get("more_body", False):
-                seen["ended"] = True
-            if message["type"] == "http.request":
-                seen["bytes"] += len(message.get("body", b""))
-                if seen["bytes"] > limit and not upload:  # the upload route counts its own (413)
-                    raise fastapi.HTTPException(413, f"expected a request body of at most {limit >> 10} kB, found "
-                                                     "more")
-            return message
-
-        try:
-            refusal = self._refusal(scope, headers)
-            if refusal is not None:
-                await _answer(sending, *refusal)
-            else:
-                await self.app(scope, receiving, sending)
-        finally:
-            route = scope.get("route")
-            path = getattr(route, "path", None) or (scope["path"] if scope["path"] in _PLAIN_PATHS else "(no route)")
-            log.info("%s %s %d %.0f ms", scope["method"], path, status["code"],
-                     1000 * (time.perf_counter() - t0))
-
-    def _refusal(self, scope, headers: dict[str, str]) -> tuple[int, str, dict[str, str] | None] | None:
-        """(status, one line, headers) of a request refused before it reaches a route, or None."""
-        if self.token is not None and (scope["path"] == "/v1" or scope["path"].startswith("/v1/")):
-            scheme, _, given = headers.get("authorization", "").strip().partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode("latin-1"), self.token):
-                return (401, "expected the header Authorization: Bearer <token>, found none or a wrong token",
-                        {"WWW-Authenticate": "Bearer"})
-        if self.settings.token is None:
-            host = headers.get("host", "")
-            name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-            if host and not is_loopback(name):
-                return (400, "expected a request to a loopback name (127.0.0.1, localhost, ::1), found another Host; "
-                             "a server reached by other names needs a token (--token-file)", None)
-        length = headers.get("content-length")
-        if length is not None:
-            upload = scope["method"] == "POST" and scope["path"].rstrip("/") == "/v1/sessions"
-            limit = (self.settings.max_upload_mb << 20) if upload else (self.settings.max_json_kb << 10)
-            try:
-                size = int(length)
-            except ValueError:
-                return 400, "expected a whole number as Content-Length, found another value", None
-            if size > limit:
-                what = f"an upload of at most {limit >> 20} MB" if upload else f"a body of at most {limit >> 10} kB"
-                return 413, f"expected {what}, found Content-Length {size}; start the server with larger limits", None
-        return None
-
-
-async def _drain(receive) -> None:
-    """Read and drop what is left of a request's body: at most :data:`DRAIN_BYTES`, while it keeps coming."""
-    dropped = 0
-    while dropped <= DRAIN_BYTES:
-        try:
-            message = await asyncio.wait_for(receive(), DRAIN_IDLE_S)
-        except asyncio.TimeoutError:
-            return
-        if message["type"] != "http.request":
-            return
-        dropped += len(message.get("body", b""))
-        if not message.get("more_body", False):
-            return
-
-
-async def _answer(send, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
-    body = json.dumps({"detail": detail}).encode()
-    extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            *extra]})
-    await send({"type": "http.response.body", "body": body})

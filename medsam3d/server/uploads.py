@@ -19,6 +19,7 @@ reader would open on the server's disk.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import stat
@@ -256,3 +257,30 @@ def _check_dicom_claim(folder: Path, series_uid: str | None, max_voxels: int) ->
     counts = [int(s.rows or 0) * int(s.columns or 0) * int(s.frames or 0) for s in chosen]
     if counts:
         _check_voxels(max(counts), max_voxels)
+
+
+async def receive_upload(request, path: Path, limit: int, disconnect: type[Exception], idle_s: float) -> int:
+    """Stream the request's body into ``path`` (a new file), stopping at ``limit`` bytes (413), or when
+    no byte came for ``idle_s`` seconds (408)."""
+    size = 0
+    try:
+        with open(path, "xb") as out:
+            stream = request.stream().__aiter__()
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(stream.__anext__(), idle_s)
+                except StopAsyncIteration:
+                    break
+                except asyncio.TimeoutError:
+                    raise UploadTimeout(f"expected the upload's bytes to keep coming, found none for {idle_s:g} s "
+                                        f"(after {size >> 20} MB); send it again") from None
+                size += len(chunk)
+                if size > limit:  # the middleware reads and drops what follows (see .guard)
+                    raise UploadTooLarge(f"expected an upload of at most {limit >> 20} MB, found more; start the "
+                                         "server with a larger --max-upload-mb, or crop the volume")
+                out.write(chunk)
+    except disconnect:
+        raise VolumeIOError("expected the whole upload, found the connection closed before its end") from None
+    if size == 0:
+        raise VolumeIOError("expected the bytes of a volume in the request's body, found an empty body")
+    return size
