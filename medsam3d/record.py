@@ -29,7 +29,7 @@ import numpy as np
 from .errors import Medsam3dError
 from .volume import Volume
 
-SCHEMA_VERSION = "1.3"
+SCHEMA_VERSION = "1.4"
 SCHEMA_FILE = Path(__file__).with_name("schemas") / "report.schema.json"
 
 #: an object whose volume range (the engine's alternatives) spans more than this fraction of its volume is flagged

@@ -36,7 +36,7 @@ DEFAULT_CACHE_MB = 1024
 class CachedModel:
     """A :class:`~medsam3d.models.SliceModel` whose encodings are cached by image content.
 
-    The SliceModel attributes, :meth:`decode` and :meth:`blend` are the wrapped model's;
+    The SliceModel attributes, :meth:`decode`, :meth:`blend` and ``region_embedding`` are the wrapped model's;
     ``hits``, ``misses`` (images encoded) and ``nbytes`` say what the cache did. Calls from
     several threads are serialised by a lock (the engine itself calls from one thread).
     Features of a type whose size cannot be read (not arrays or tensors) count as
@@ -70,6 +70,11 @@ class CachedModel:
 
     def blend(self, fa, fb, w):
         return self.model.blend(fa, fb, w)
+
+    @property
+    def region_embedding(self):
+        """The wrapped model's optional ``region_embedding`` (an AttributeError where it has none)."""
+        return self.model.region_embedding
 
     @staticmethod
     def key(image: np.ndarray) -> bytes:

@@ -504,3 +504,60 @@ def test_a_damaged_onnx_export_is_made_again(litemedsam, tmp_path):
                          env={**os.environ, "MEDSAM3D_CACHE": str(tmp_path)})
     assert out.stdout.split() == ["onnxruntime"] and "exporting it again" in out.stderr
     assert damaged.stat().st_size > 1_000_000  # exported again from the weights
+
+
+def test_region_embedding_reads_the_cells_under_a_mask_through_the_letterbox():
+    """A (1, C, 64, 64) embedding of a 100 x 200 image letterboxed into a 256 input (content 128 x 256
+    at the top left): a cell belongs to the pixel at its centre, cells of the padding belong to none."""
+    from medsam3d.models.base import region_embedding
+
+    grid = np.zeros((1, 2, 64, 64), np.float32)
+    grid[0, 0, 10:20, 30:40] = 1.0   # channel 0: one inside the region
+    grid[0, 1] = 5.0                 # channel 1: constant everywhere, padding included
+    grid[0, 1, 32:] = -100.0         # ...except the padding rows (content ends at row 128 = cell 32)
+    mask = np.zeros((100, 200), bool)
+    # cells 10..19 x 30..39 have centres at rows (r + 0.5) * 4 * 100 / 128 and columns (c + 0.5) * 4 * 200 / 256
+    rows = ((np.arange(64) + 0.5) * 4 * 100 / 128).astype(int)
+    cols = ((np.arange(64) + 0.5) * 4 * 200 / 256).astype(int)
+    mask[rows[10] : rows[19] + 1, cols[30] : cols[39] + 1] = True
+    inside, ring = region_embedding(grid, mask, (128, 256), input_size=256)
+    assert inside == pytest.approx([1.0, 5.0]) and ring == pytest.approx([0.0, 5.0])
+    # a mask reaching the image's last rows: the padding's cells never count, inside or in the ring
+    low = np.zeros((100, 200), bool)
+    low[90:, 50:60] = True
+    inside, ring = region_embedding(grid, low, (128, 256), input_size=256)
+    assert inside[1] == pytest.approx(5.0) and ring[1] == pytest.approx(5.0)
+    # no cell's centre in a one-pixel mask between centres, and a torch tensor is read like an array
+    tiny = np.zeros((100, 200), bool)
+    tiny[0, 0] = True
+    assert region_embedding(torch.from_numpy(grid), tiny, (128, 256), input_size=256) is None
+
+
+def test_litemedsam_region_embedding_tells_a_tumour_from_its_surroundings(litemedsam):
+    """On the example CT's tumour slice the mean embedding of the expert's mask is nearer its own mean
+    than the ring's, and a mask of the muscle beside it nearer the ring's (what the engine's extension
+    past the sections' first range reads, :func:`medsam3d.propagate.stops.embedding_check`)."""
+    import medsam3d as m3
+
+    from conftest import EXAMPLES
+
+    image = m3.load(EXAMPLES / "sts041_ct" / "CT_image.nii.gz")
+    ref = m3.load_labels(EXAMPLES / "sts041_ct" / "CT_mask.nii.gz", image).array == 1
+    k = int(np.argmax(ref.sum(axis=(0, 1))))
+    ct = np.clip((image.array[:, :, k].T + 160) / 400, 0, 1).astype(np.float32)  # rows = j, columns = i
+    features = litemedsam.encode([ct])[0]
+    tumour = ref[:, :, k].T
+    inside, ring = litemedsam.region_embedding(features, tumour)
+    direction = inside - ring
+    moved = np.roll(tumour, tumour.any(axis=0).sum() + 6, axis=1)  # the same shape beside the tumour
+    assert not (moved & tumour).any()
+    other, _ = litemedsam.region_embedding(features, moved)
+    rel = float((other - ring) @ direction / (direction @ direction))
+    assert rel < 0.5, rel  # measured 0.21
+
+    # a session's caching wrapper reads it through, and has none where the model has none
+    from medsam3d.session import CachedModel
+    from synthetic import ThresholdModel
+
+    assert np.array_equal(CachedModel(litemedsam).region_embedding(features, tumour)[0], inside)
+    assert getattr(CachedModel(ThresholdModel()), "region_embedding", None) is None

@@ -106,16 +106,36 @@ def test_a_faint_lesion_ends_where_its_contrast_reverses(litemedsam):
     assert dice(result.labels.array == 1, ref) >= 0.5  # measured 0.552 (0.453 without the weak tier)
 
 
+def test_a_long_sarcoma_from_one_2d_box_reaches_its_ends(litemedsam):
+    # STS_013 T1 MR (tuning half): an 82-slice sarcoma, 2.6x longer than its largest box is wide. The
+    # sections' first range (0.6 x the box each way) ended at slices 40-82, and their masks follow their
+    # box, so they never grew (Dice 0.594, volume -57 %). Past that range the walk now goes on while each
+    # slice's mask holds the tumour in the model's own embedding: measured slices 13-99, Dice 0.882.
+    image = m3.load(shared("ibsi_sts_tune/STS_013/MR_T1_image.nii.gz"))
+    ref = m3.load_labels(shared("ibsi_sts_tune/STS_013/MR_T1_mask.nii.gz"), image).array == 1
+    k = int(np.argmax(ref.sum(axis=(0, 1))))
+    prompts = {"version": 1, "objects": [{"name": "sarcoma", "slice": k, "box": _box(ref[:, :, k])}]}
+    result = m3.segment(image, prompts, model=litemedsam)
+    ks = np.flatnonzero(ref.any(axis=(0, 1)))
+    lo, hi = result.objects[0]["slices"]
+    assert lo <= ks[0] + 3 and hi >= ks[-1] - 3 and hi - lo <= (ks[-1] - ks[0]) * 1.15, (lo, hi, ks[0], ks[-1])
+    assert all("unlike the prompted" in why for why in result.objects[0]["stopped"].values())
+    assert dice(result.labels.array == 1, ref) >= 0.85, dice(result.labels.array == 1, ref)
+
+
 def test_tapered_ends_on_a_sarcoma_found_from_a_2d_box(litemedsam):
     # sts001 T1 MR: tumour and muscle look alike, and with a 2D box the end slices kept 2-3x the
-    # reference's area (the speed preset: Dice 0.848, volume +29.0 %; tapered here: 0.886, +13.7 %)
+    # reference's area (the speed preset: Dice 0.848, volume +29.0 %; tapered here: 0.886, +13.7 %).
+    # The walk past the sections' first range is off: its embedding check takes the muscle past this
+    # tumour's end for tumour (see docs/accuracy.md), and this test is about the taper alone.
     from medsam3d.fuse import taper_ends
 
     image = m3.load(shared("ibsi_sts_more/STS_001/MR_T1_image.nii.gz"))
     ref = m3.load_labels(shared("ibsi_sts_more/STS_001/MR_T1_mask.nii.gz"), image).array == 1
     k = int(np.argmax(ref.sum(axis=(0, 1))))
     prompts = {"version": 1, "objects": [{"name": "sarcoma", "slice": k, "box": _box(ref[:, :, k])}]}
-    result = m3.segment(image, prompts, model=litemedsam, config=PropagationConfig.fast(), taper=None)
+    result = m3.segment(image, prompts, model=litemedsam, config=PropagationConfig.fast(extend_min_rel=0.0),
+                        taper=None)
     plain = result.labels.array == 1
     tapered = taper_ends(plain, 2.0, image.spacing[:2])
     assert result.objects[0]["voxels_removed_by_taper"] == 0 and (tapered <= plain).all()

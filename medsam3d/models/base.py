@@ -63,6 +63,11 @@ class SliceModel(Protocol):
         (only called when ``can_blend``)."""
         ...
 
+    # Optional: ``region_embedding(features, mask)``, the mean embedding vector inside a mask of the
+    # encoded image and around it (see :func:`region_embedding`). A model without it still works;
+    # the engine then ends an object without a slice range where the sections' first range ends
+    # (``PropagationConfig.extend_min_rel``).
+
 
 #: what :func:`medsam3d.models.load_model` checks a model built by a plugin's factory for
 SLICE_MODEL_ATTRIBUTES = ("name", "device", "runtime", "checkpoint", "weights_sha256", "trust_checkpoint", "can_blend",
@@ -85,6 +90,34 @@ def blend_features(fa, fb, w: float):
     encoding of a slice between two encoded ones (``PropagationConfig.blend_embeddings``).
     """
     return (fa[0] * (1 - w) + fb[0] * w, *fa[1:])
+
+
+def region_embedding(embedding, mask: np.ndarray, content_hw: tuple[int, int], *, input_size: int,
+                     ring_cells: int = 2) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """The mean vector of a (1, C, G, G) image embedding over the grid cells whose centres fall in
+    ``mask`` (rows x columns of the encoded image), and over a ring ``ring_cells`` wide around
+    them (None where the ring is empty); None when no cell's centre is in the mask.
+
+    The image filled ``content_hw`` (rows, columns) at the top left of the model's square
+    ``input_size`` input (the letterbox of SAM and LiteMedSAM; a stretch to the whole input
+    passes ``(input_size, input_size)``).
+    """
+    from scipy import ndimage
+
+    if not isinstance(embedding, np.ndarray):  # a tensor
+        embedding = embedding.detach().float().cpu().numpy()
+    grid = np.asarray(embedding, np.float32)[0]
+    g = grid.shape[-1]
+    h, w = mask.shape
+    centres = (np.arange(g) + 0.5) * input_size / g
+    rows = np.minimum((centres * h / content_hw[0]).astype(int), h - 1)
+    cols = np.minimum((centres * w / content_hw[1]).astype(int), w - 1)
+    valid = (centres < content_hw[0])[:, None] & (centres < content_hw[1])[None, :]
+    inside = valid & np.asarray(mask, bool)[rows][:, cols]
+    if not inside.any():
+        return None
+    ring = ndimage.binary_dilation(inside, iterations=ring_cells) & ~inside & valid
+    return grid[:, inside].mean(axis=1), (grid[:, ring].mean(axis=1) if ring.any() else None)
 
 
 def resolve_device(device: str | None) -> str:

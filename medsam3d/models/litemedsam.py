@@ -32,6 +32,7 @@ from .base import (
     file_sha256,
     load_into,
     load_state_dict,
+    region_embedding,
     resolve_device,
 )
 
@@ -216,6 +217,12 @@ class LiteMedSAM:
             logits = torch.nn.functional.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
         masks = (logits[:, 0] > self.mask_threshold).cpu().numpy()
         return masks, iou[:, 0].float().cpu().numpy()
+
+    def region_embedding(self, features: Any, mask: np.ndarray):
+        """Mean embedding inside ``mask`` (rows x columns of the encoded image) and around it
+        (:func:`~medsam3d.models.base.region_embedding`)."""
+        embedding, resized, _ = features
+        return region_embedding(embedding, mask, resized, input_size=INPUT)
 
 
 def resize_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:

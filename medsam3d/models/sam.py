@@ -18,7 +18,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import ModelError, require
-from .base import blend_features, file_sha256, load_into, load_state_dict, require_checkpoint, resolve_device
+from .base import (blend_features, file_sha256, load_into, load_state_dict, region_embedding, require_checkpoint,
+                   resolve_device)
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,10 @@ class SAM(_SamFamily):
         boxes = ResizeLongestSide(self.size).apply_boxes(np.asarray(boxes, np.float32).reshape(-1, 4), hw)
         return self._decode(emb, boxes, resized_hw, hw)
 
+    def region_embedding(self, features, mask):
+        """Mean embedding inside ``mask`` and around it (:func:`~medsam3d.models.base.region_embedding`)."""
+        return region_embedding(features[0], mask, features[1], input_size=self.size)
+
 
 class MedSAM(_SamFamily):
     """MedSAM: 1024x1024 stretch, [0, 1] min-max, encoder called directly."""
@@ -124,3 +129,7 @@ class MedSAM(_SamFamily):
         emb, (h, w) = features
         boxes = np.asarray(boxes, np.float32).reshape(-1, 4) / np.array([w, h, w, h], np.float32) * 1024
         return self._decode(emb, boxes, (self.size, self.size), (h, w))
+
+    def region_embedding(self, features, mask):
+        """Mean embedding inside ``mask`` and around it (the image is stretched over the whole input)."""
+        return region_embedding(features[0], mask, (self.size, self.size), input_size=self.size)

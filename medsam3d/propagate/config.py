@@ -75,6 +75,11 @@ class PropagationConfig:
     #: ``content_weak_rel`` of the contrast (negative: the contrast is reversed); 0 turns this off
     content_weak_cnr: float = 0.5
     content_weak_rel: float = -0.5
+    #: without a z_range, the walk goes on past the sections' first range, on boxes from the sections
+    #: decoded over their whole extent, while each slice's mask lies at least this far from the prompted
+    #: slice's surroundings towards its inside in the model's own image embedding (see
+    #: :func:`.stops.embedding_check`); 0 turns this off (the object then ends with the first range)
+    extend_min_rel: float = 0.8
     #: with a zoom crop, segment each object's key slice both on the crop and on the whole slice,
     #: and keep the crop only where its masks span their boxes at least as well (see
     #: :func:`medsam3d.pipeline.choose_view`); False keeps the crop unchecked

@@ -90,6 +90,17 @@ class SliceEncoder:
         full[:, i0 : i1 + 1, j0 : j1 + 1] = masks_rc.transpose(0, 2, 1)
         return full, scores
 
+    def region_embedding(self, k: int, mask: np.ndarray):
+        """The model's mean embedding of slice k inside ``mask`` (I, J) and around it, on the features a
+        walk decoded it with (encoded, else blended); None where the model has no ``region_embedding``
+        (see :func:`medsam3d.models.base.region_embedding`), k has no features or the mask no cell."""
+        fn = getattr(self.model, "region_embedding", None)
+        features = self.cache.get(k) if k in self.cache else self.blended(k)
+        if fn is None or features is None:
+            return None
+        i0, j0, i1, j1 = self.crop
+        return fn(features, mask[i0 : i1 + 1, j0 : j1 + 1].T)
+
     @property
     def encoded(self) -> int:
         """How many slices were encoded (sections not counted)."""

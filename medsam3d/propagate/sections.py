@@ -75,8 +75,8 @@ def encode_sections(model, sections: list[Section]) -> None:
 
 def orthogonal_boxes(model, images: np.ndarray, spacing: tuple[float, float, float], key_box, z_range,
                      *, adaptive: bool = False, margin: float = 0.05, max_rounds: int = 12,
-                     positions: tuple[float, ...] = SECTION_POSITIONS
-                     ) -> tuple[dict[int, tuple[int, int, int, int]], int]:
+                     positions: tuple[float, ...] = SECTION_POSITIONS, beyond: bool = False
+                     ) -> tuple[dict[int, tuple[int, int, int, int]], int, dict[int, tuple[int, int, int, int]]]:
     """Box per slice from sagittal and coronal sections (see module doc).
 
     With ``adaptive`` the slice range is a first guess: while a section's mask touches an
@@ -84,7 +84,12 @@ def orthogonal_boxes(model, images: np.ndarray, spacing: tuple[float, float, flo
     (at least one slice) and the sections are decoded again (no re-encoding), until the
     masks end inside the box, at the volume or after ``max_rounds``. The steps are small
     because a section's mask partly follows its box: larger steps overshoot the object's end.
-    Returns the boxes and the number of sections encoded.
+
+    With ``adaptive`` and ``beyond`` the sections are also decoded once with a box over their whole
+    extent (the first guess plus the key box's largest size in mm each way), for a walk that
+    decides slice by slice whether the object goes on past the range found (the sections' masks
+    follow their box along the slices, so they cannot say it themselves). Returns the boxes, the
+    number of sections encoded and the boxes of that whole extent (empty without ``beyond``).
     """
     I, J, K = images.shape
     i0, j0, i1, j1 = key_box
@@ -121,11 +126,26 @@ def orthogonal_boxes(model, images: np.ndarray, spacing: tuple[float, float, flo
             break
         lo = max(ks[0], lo - step) if grow_lo else lo
         hi = min(ks[1], hi + step) if grow_hi else hi
+    boxes = _extent_boxes(i_extent, j_extent, range(lo, hi + 1))
+    log.info("orthogonal sections give boxes on %d slices of %d..%d", len(boxes), lo, hi)
+    whole: dict[int, tuple[int, int, int, int]] = {}
+    if adaptive and beyond and boxes:
+        j_extent = np.zeros((J, K), bool)
+        i_extent = np.zeros((I, K), bool)
+        for sec in sagittal:
+            j_extent |= sec.mask(j_cols, ks)
+        for sec in coronal:
+            i_extent |= sec.mask(i_cols, ks)
+        whole = _extent_boxes(i_extent, j_extent, range(ks[0], ks[1] + 1))
+    return boxes, len(sagittal) + len(coronal), whole
+
+
+def _extent_boxes(i_extent: np.ndarray, j_extent: np.ndarray, ks) -> dict[int, tuple[int, int, int, int]]:
+    """Slice k's box from the sections' extents along i and j (where both have one)."""
     boxes = {}
-    for k in range(lo, hi + 1):
+    for k in ks:
         ii = np.flatnonzero(i_extent[:, k])
         jj = np.flatnonzero(j_extent[:, k])
         if ii.size and jj.size:
             boxes[k] = (int(ii[0]), int(jj[0]), int(ii[-1]), int(jj[-1]))
-    log.info("orthogonal sections give boxes on %d slices of %d..%d", len(boxes), lo, hi)
-    return boxes, len(sagittal) + len(coronal)
+    return boxes

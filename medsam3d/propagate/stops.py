@@ -61,6 +61,39 @@ def content_check(image: np.ndarray, mask: np.ndarray, config: PropagationConfig
     return holds
 
 
+def embedding_check(encoder, key: int, key_mask: np.ndarray, config: PropagationConfig
+                    ) -> Callable[[int, np.ndarray], bool] | None:
+    """A test of whether slice k's mask still holds the object of the prompted slice ``key`` (its
+    mask ``key_mask``), read in the model's own image embedding; None where the model gives no
+    embedding of a region or the object does not differ from its surroundings there.
+
+    On the prompted slice, the mean embedding inside the mask and the mean over a ring around it
+    span a direction. A slice's mask holds the object where its own mean embedding lies at least
+    ``config.extend_min_rel`` of the way from the ring's to the inside's along that direction.
+    Unlike the intensity test of :func:`content_check` this reads what the encoder saw around
+    each pixel, which tells a soft-tissue tumour from the muscle it sits in where their
+    intensities are alike. It is used past the sections' first range only (see
+    :mod:`.walk`): on the object's own slices the masks follow their boxes well, and their
+    mean embedding drifts towards the surroundings near the ends, inside the object too.
+    """
+    if config.extend_min_rel <= 0:
+        return None
+    key_region = encoder.region_embedding(key, key_mask)
+    if key_region is None or key_region[1] is None:
+        return None
+    inside, ring = key_region
+    direction = inside - ring
+    norm = float(direction @ direction)
+    if norm <= 1e-12:
+        return None
+
+    def alike(k: int, mask: np.ndarray) -> bool:
+        region = encoder.region_embedding(k, mask)
+        return region is not None and float((region[0] - ring) @ direction) / norm >= config.extend_min_rel
+
+    return alike
+
+
 def stop_reason(mask: np.ndarray, area: int, score: float, prev: SliceResult, peak: int,
                 config: PropagationConfig, bounded: bool, start_score: float = 1.0) -> str | None:
     """Why the box chain ends at a slice whose mask is ``mask`` (``area`` pixels, scored

@@ -1,9 +1,13 @@
 """The sections' pass: every slice of an object segmented with its box from the orthogonal sections.
 
 With a ``z_range`` the sections span it; otherwise they start from a first guess around the
-prompted slices and grow while the object goes on (:func:`.sections.orthogonal_boxes`), and
-the object ends where the sections end, where a slice's mask is empty, or where it no longer
-holds what the prompted slice held (:func:`.stops.content_check`). The sections' extent is a
+prompted slices and grow while the object goes on (:func:`.sections.orthogonal_boxes`). Their
+masks follow their box along the slices, so the range they find is mostly the first guess's;
+past it the walk goes on, on the boxes of the sections decoded over their whole extent, while
+each slice's mask holds the prompted slice's object in the model's own image embedding
+(:func:`.stops.embedding_check`). The object ends there, where the sections end, where a
+slice's mask is empty, or where it no longer holds what the prompted slice held in intensity
+(:func:`.stops.content_check`). The sections' extent is a
 better start than a box chain's: past a small lesion's end a chain's masks of neighbouring
 tissue keep a sizeable part of the key slice's area, and sections started from there run on.
 
@@ -22,7 +26,7 @@ from .config import PropagationConfig
 from .encoder import SliceEncoder
 from .gaps import fill_gaps
 from .results import ObjectResult, SliceResult
-from .stops import content_check
+from .stops import content_check, embedding_check
 
 
 def first_range(start, keys, config: PropagationConfig, depth: int) -> tuple[int, int]:
@@ -46,19 +50,21 @@ class SectionWalk:
     """One object's walk over the slices with the sections' boxes (see the module doc).
 
     ``slices`` collects the masks (the prompted slices' to start with), ``empty`` the slices
-    with no mask of the object and ``foreign`` those whose mask failed the content check.
+    with no mask of the object and ``foreign`` those whose mask failed the content check (or,
+    past the sections' first range, the embedding check :func:`.stops.embedding_check`).
     """
 
     def __init__(self, encoder: SliceEncoder, obj: ObjectPrompt, start, keys, config: PropagationConfig,
                  slices: dict[int, SliceResult], key_mask: np.ndarray):
         self.encoder, self.obj, self.start, self.keys, self.config = encoder, obj, start, keys, config
         self.shape = encoder.images.shape[:2]
-        self._find_boxes()
         self.slices = slices
         self.empty: set[int] = set()
         self.foreign: set[int] = set()  # also in ``empty``
         self.stride = max(1, int(config.stride))
         self.holds = None if obj.z_range else content_check(encoder.images[..., start.slice], key_mask, config)
+        self.alike = None if obj.z_range else embedding_check(encoder, start.slice, key_mask, config)
+        self._find_boxes()
 
     def _find_boxes(self) -> None:
         """The sections' box per slice (:attr:`boxes`), and the walk's range (:attr:`lo`, :attr:`hi`).
@@ -66,26 +72,48 @@ class SectionWalk:
         A short range, or a volume of a few slices (whose sections are a few pixels high), gets
         no sections: every slice's box is the key box's (see :meth:`slice_box`), and without a
         z_range an empty mask still ends the object. A given z_range comes with a box on one
-        slice that need not be the largest, hence wider sections then.
+        slice that need not be the largest, hence wider sections then. Without a z_range the
+        range the sections found is probed one slice past each end when the model can tell
+        whether a mask still holds the object (:attr:`alike`); where it does, that side takes the
+        boxes of the sections decoded over their whole extent (:func:`.sections.orthogonal_boxes`),
+        and the walk goes on while each slice past the range passes :attr:`alike` (:meth:`run`).
+        :attr:`first` keeps the range found.
         """
         obj, config, K = self.obj, self.config, self.encoder.images.shape[2]
         z = obj.z_range or first_range(self.start, self.keys, config, K)
         self.short = (z[1] - z[0] if obj.z_range else K - 1) + 1 < config.section_min_slices
+        whole = {}
         if self.short:
             z = obj.z_range or (0, K - 1)
             self.boxes, encoded = {}, 0
         else:
             positions = (obj.z_range and config.section_positions_3d) or config.section_positions
-            self.boxes, encoded = sections.orthogonal_boxes(
+            self.boxes, encoded, whole = sections.orthogonal_boxes(
                 self.encoder.model, self.encoder.images, config.voxel_mm, self.start.box, z,
                 adaptive=not obj.z_range, margin=config.section_margin_3d if obj.z_range else 0.05,
-                positions=tuple(positions))
+                positions=tuple(positions), beyond=self.alike is not None)
         self.encoder.sections_encoded += encoded
         if obj.z_range or self.short:
             self.lo, self.hi = z
-        else:
-            self.lo = min(self.boxes, default=self.start.slice)
-            self.hi = max(self.boxes, default=self.start.slice)
+            self.first = z
+            return
+        self.first = (min(self.boxes, default=self.start.slice), max(self.boxes, default=self.start.slice))
+        for direction, end in ((1, self.first[1]), (-1, self.first[0])):
+            probe = end + direction
+            if probe in whole and self._goes_on(probe, whole[probe]):
+                # the object goes on past the range found: this side walks on the whole extent's boxes,
+                # whose masks do not taper at that range's end, while each slice's mask passes ``alike``
+                self.boxes.update({k: b for k, b in whole.items() if (k - self.start.slice) * direction > 0})
+        self.lo = min(self.boxes, default=self.start.slice)
+        self.hi = max(self.boxes, default=self.start.slice)
+
+    def _goes_on(self, k: int, box) -> bool:
+        """Whether slice k, past the sections' first range, holds the object (its mask for ``box``
+        passes the content and embedding checks)."""
+        box = expand_box(box, self.shape, self.config.margin_frac, self.config.margin_min)
+        mask = largest_2d_component(self.encoder.predict(k, np.array([box]))[0][0])
+        return bool(mask.sum() >= self.config.min_area_px and (not self.holds or self.holds(
+            self.encoder.images[..., k], mask)) and self.alike(k, mask))
 
     def slice_box(self, k: int) -> tuple[int, int, int, int]:
         """Slice k's box: a prompted slice's own, else the sections'; inside a given range, a slice
@@ -110,7 +138,8 @@ class SectionWalk:
         if mask.sum() < config.min_area_px:
             self.empty.add(k)  # no object here (without a z_range, this ends it)
             return False
-        if self.holds and not self.holds(self.encoder.images[..., k], mask):
+        if (self.holds and not self.holds(self.encoder.images[..., k], mask)) or (
+                self.alike and not self.first[0] <= k <= self.first[1] and not self.alike(k, mask)):
             self.empty.add(k)
             self.foreign.add(k)
             return False
