@@ -76,6 +76,20 @@ class TightBoxModel(ThresholdModel):
         return super().decode(image, shrunk)
 
 
+class EmbeddingThresholdModel(ThresholdModel):
+    """ThresholdModel with a one-number image 'embedding' of a region: its mean intensity, and that of
+    a 3-pixel ring around it (the optional ``region_embedding`` of a SliceModel)."""
+
+    @staticmethod
+    def region_embedding(image, mask):
+        from scipy import ndimage
+
+        if not mask.any():
+            return None
+        ring = ndimage.binary_dilation(mask, iterations=3) & ~mask
+        return np.array([image[mask].mean()]), (np.array([image[ring].mean()]) if ring.any() else None)
+
+
 def install_plugin(folder, monkeypatch, module: str, source: str, group: str, entry: str) -> None:
     """Install a one-module package into ``folder`` as pip would lay it out (the module and a
     ``.dist-info`` with one entry point ``entry`` in ``group``) and put ``folder`` on ``sys.path``

@@ -13,7 +13,7 @@ from medsam3d.propagate import PropagationConfig, SliceEncoder, propagate
 from medsam3d.propagate.chains import track_shift
 from medsam3d.propagate.stops import content_check
 
-from synthetic import BlendingThresholdModel, ThresholdModel, TightBoxModel, ellipsoid, visible
+from synthetic import BlendingThresholdModel, EmbeddingThresholdModel, ThresholdModel, TightBoxModel, ellipsoid, visible
 
 
 def _volume(mask, affine=None):
@@ -645,3 +645,47 @@ def test_several_prompted_slices_centre_the_sections_first_guess(monkeypatch):
     segment(vol, {"version": 1, "objects": two[1:]}, model=ThresholdModel(), window="percentile", modality="MR")
     lo, hi = seen[1]
     assert lo + hi == 2 * 40, seen[1]  # one box: centred on its slice, as before
+
+
+def test_the_walk_goes_past_the_sections_first_range_while_the_embedding_holds(monkeypatch):
+    """LiteMedSAM's section masks follow their box along the slices, so with one 2D box the sections
+    end with their first guess (the box's size x 0.6 each way). Past it the walk goes on while each
+    slice's mask looks like the prompted slice's object in the model's embedding, here a mean intensity:
+    a cylinder (intensity 1) on slices 20-60 with fainter tissue (0.6, which the model segments too)
+    on 61-70 ends at 60 on one side, and where the sections' whole extent ends (slice 19, empty) on
+    the other."""
+    import medsam3d.propagate.sections as sections
+
+    real = sections.orthogonal_boxes
+
+    def box_following(model, images, spacing, key_box, z_range, **kwargs):  # as LiteMedSAM's sections do
+        boxes, encoded, whole = real(model, images, spacing, key_box, z_range, **kwargs)
+        return {k: b for k, b in boxes.items() if z_range[0] <= k <= z_range[1]}, encoded, whole
+
+    monkeypatch.setattr(sections, "orthogonal_boxes", box_following)
+    disc = ellipsoid((48, 48, 1), (24, 24, 0), (10, 9, 0.5))[:, :, 0]
+    arr = np.zeros((48, 48, 80), np.float32)
+    arr[disc, 20:61] = 1.0
+    arr[disc, 61:71] = 0.6
+    vol = Volume(arr, np.diag([2.0, 2.0, 2.0, 1.0]), {"modality": "MR"})
+    prompt = {"version": 1, "objects": [{"name": "long", "slice": 40, "box": _box(disc)}]}
+
+    def run(**changes):
+        result = segment(vol, prompt, model=EmbeddingThresholdModel(), window="percentile",
+                         config=PropagationConfig(**changes))
+        return result, result.objects[0]
+
+    result, obj = run()
+    assert obj["slices"] == [20, 60], obj["slices"]
+    assert obj["stopped"]["down"] == "sections end"
+    assert obj["stopped"]["up"] == "a mask unlike the prompted slice's object at slice 61"
+    _, off = run(extend_min_rel=0.0)  # the first range only: 0.6 x the box (21 slices of 2 mm) each way from 40
+    assert off["slices"] == [27, 53] and off["stopped"] == {"down": "sections end", "up": "sections end"}, off
+    # a model without region_embedding, and a 3D box, are not extended
+    plain = segment(vol, prompt, model=ThresholdModel(), window="percentile").objects[0]
+    assert plain["slices"] == off["slices"]
+    ranged = {"version": 1, "objects": [{**prompt["objects"][0], "z_range": [30, 50]}]}
+    a, b = (segment(vol, ranged, model=EmbeddingThresholdModel(), window="percentile",
+                    config=PropagationConfig(extend_min_rel=rel)) for rel in (0.8, 0.0))
+    assert np.array_equal(a.labels.array, b.labels.array) and a.objects[0]["slices"] == [30, 50]
+

@@ -1,6 +1,7 @@
 """Batch volumetry: a manifest of studies -> a folder per study, a results database, follow-up, a report.
 
 * :mod:`.manifest`: the manifest (:func:`read_manifest`, :class:`Study`) and each study's prompts;
+* :mod:`.cells`: one row's cells, each checked alone (shared with the planner);
 * :mod:`.plan`: a manifest from a folder of DICOM files (:func:`plan_manifest`);
 * :mod:`.runner`: :func:`run_batch`, the driver's loop;
 * :mod:`.keys`: each study's key (what decides it is current) and the order studies run in;
@@ -9,7 +10,7 @@
 * :mod:`.outdir`: the output folder (lock, staging, a study's folder swapped in whole);
 * :mod:`.store`: the SQLite results database;
 * :mod:`.results`: ``results.json`` with each patient's follow-up, ``results.csv``, the exports;
-* :mod:`.html` and :mod:`.privacy`: ``report.html`` and pseudonymisation.
+* :mod:`.html`, :mod:`.plot` and :mod:`.privacy`: ``report.html``, its volume plots and pseudonymisation.
 """
 
 from .manifest import PromptSource, Study, read_manifest, study_prompts

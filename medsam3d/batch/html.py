@@ -348,7 +348,6 @@ def _at(values: Any, n: int) -> Any:
     return values[n] if n < len(values) else None
 
 
-
 def _one_line(text: Any) -> str | None:
     if text is None:
         return None

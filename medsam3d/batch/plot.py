@@ -16,7 +16,7 @@ _TRACK_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c
 
 
 def volume_plot(timepoints: list[dict[str, Any]], tracks: list[dict[str, Any]], response: list[dict[str, Any]],
-                 *, salt: str) -> Any:
+               *, salt: str) -> Any:
     """Volume over time (one line per lesion track, the total in black) as inline SVG markup."""
     if not timepoints:
         return None
@@ -84,4 +84,3 @@ def _category_colour(recist: Any, volumetric: Any) -> str:
 
 def _nan(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
-

@@ -313,7 +313,8 @@ def _lesion_entry(track: _Track, studies: list[Mapping[str, Any]], *, target: bo
         if point is None:  # the study was not evaluated (no measurements)
             continue
         by_timepoint.append({"case_id": str(studies[t]["case_id"]), "label": _label(point.lesion),
-                             "volume_ml": rs.rounded(track.value(t, "volume"), 4), "diameter_mm": rs.rounded(track.value(t, "diameter")),
+                             "volume_ml": rs.rounded(track.value(t, "volume"), 4),
+                             "diameter_mm": rs.rounded(track.value(t, "diameter")),
                              "status": point.status})
     return {"track": track.id, "name": track.name, "organ": track.organ, "lymph_node": track.node,
             "measurable": track.measurable, "target": target, "by_timepoint": by_timepoint,

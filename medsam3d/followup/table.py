@@ -94,7 +94,8 @@ def responses(studies: list[Mapping[str, Any]], tracks: list[Track], targets: li
                     "sum_diameters_mm": rs.rounded(sum_t), "change_vs_baseline_pct": rs.rounded(changes[0]),
                     "change_vs_nadir_pct": rs.rounded(changes[1]), "recist": entry["recist"],
                     "recist_reason": entry["recist_reason"], "total_volume_ml": rs.rounded(vol_t, 4),
-                    "volume_change_vs_baseline_pct": rs.rounded(changes[2]), "volume_change_vs_nadir_pct": rs.rounded(changes[3]),
+                    "volume_change_vs_baseline_pct": rs.rounded(changes[2]),
+                    "volume_change_vs_nadir_pct": rs.rounded(changes[3]),
                     "volumetric": entry["volumetric"], "volumetric_reason": entry["volumetric_reason"],
                     "new_lesions": new_here, "notes": entry_notes})
     return out

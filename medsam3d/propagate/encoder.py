@@ -91,11 +91,12 @@ class SliceEncoder:
         return full, scores
 
     def region_embedding(self, k: int, mask: np.ndarray):
-        """The model's mean embedding of slice k inside ``mask`` (I, J) and around it, on the features a
-        walk decoded it with (encoded, else blended); None where the model has no ``region_embedding``
-        (see :func:`medsam3d.models.base.region_embedding`), k has no features or the mask no cell."""
+        """The model's mean embedding of slice k inside ``mask`` (I, J) and around it, on the features
+        :meth:`predict` decoded it with (its own encoding once asked for, else a blend); None where the
+        model has no ``region_embedding`` (see :func:`medsam3d.models.base.region_embedding`), k has no
+        features or the mask no cell."""
         fn = getattr(self.model, "region_embedding", None)
-        features = self.cache.get(k) if k in self.cache else self.blended(k)
+        features = self.cache.get(k) if k in self.used else self.blended(k)
         if fn is None or features is None:
             return None
         i0, j0, i1, j1 = self.crop

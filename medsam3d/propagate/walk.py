@@ -97,7 +97,7 @@ class SectionWalk:
             self.lo, self.hi = z
             self.first = z
             return
-        self.first = (min(self.boxes, default=self.start.slice), max(self.boxes, default=self.start.slice))
+        self.first = (min(self.boxes.keys() | {self.start.slice}), max(self.boxes.keys() | {self.start.slice}))
         for direction, end in ((1, self.first[1]), (-1, self.first[0])):
             probe = end + direction
             if probe in whole and self._goes_on(probe, whole[probe]):
